@@ -1,0 +1,68 @@
+"""What a compressible weight is now: dense, sparse (masked), or shared (codebook + indices).
+
+The packer, the metrics and the report read weights only through :func:`weight_state`, so every
+method that compresses a weight is seen the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .prune._mask import get_mask
+from .quantize._sharing import get_sharing
+
+
+@dataclass
+class WeightState:
+    """A weight as stored: ``values`` (dense, zeros included), and what structure it carries."""
+
+    values: torch.Tensor  # the effective weight, fp32, the exact tensor the forward pass uses
+    mask: torch.Tensor | None = None  # bool keep-mask, when pruned
+    codebook: torch.Tensor | None = None  # (k,) fp32 centroids, when shared
+    indices: torch.Tensor | None = None  # long, weight-shaped, index into codebook, when shared
+
+    @property
+    def nonzeros(self) -> int:
+        return int(torch.count_nonzero(self.values))
+
+
+@torch.no_grad()
+def weight_state(module: nn.Module, name: str = "weight") -> WeightState:
+    values = getattr(module, name).detach().to(torch.float32).cpu()
+    shared = get_sharing(module, name)
+    if shared is not None:
+        mask = shared.mask.cpu() if shared.mask is not None else None
+        return WeightState(values, mask, shared.codebook.detach().cpu().float(), shared.indices.cpu())
+    mask = get_mask(module, name)
+    return WeightState(values, mask.cpu() if mask is not None else None)
+
+
+def effective_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer under its plain state_dict name, as the forward pass sees it.
+
+    A parametrized weight appears once, as ``layer.weight`` with its effective (masked or shared)
+    value; the parametrization's internals (``original``, ``codebook``, ``indices``, ``mask``) do not.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for mod_name, module in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        if mod_name.endswith("parametrizations") or ".parametrizations." in f"{mod_name}.":
+            continue
+        plist = getattr(module, "parametrizations", None)
+        for name in list(module._parameters) + list(module._buffers):
+            t = getattr(module, name)
+            if t is not None:
+                out[prefix + name] = t.detach()
+        if plist is not None:
+            for name in plist.keys():
+                out[prefix + name] = getattr(module, name).detach()
+    return out
+
+
+def effective_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Like :func:`effective_tensors`, parameters only (buffers such as BN statistics left out)."""
+    buffers = {f"{m}.{b}" if m else b for m, mod in model.named_modules() for b in mod._buffers}
+    return {k: v for k, v in effective_tensors(model).items() if k not in buffers}
