@@ -1,10 +1,27 @@
-"""Measurements: error, parameters, non-zeros, MACs, bytes, latency, SQNR (rules in DESIGN.md)."""
+"""Measurements: error, parameters, non-zeros, MACs, bytes, latency, SQNR (rules in DESIGN.md).
+
+Parameters and non-zeros are read through :func:`netshrink._state.effective_parameters`: a masked
+or weight-shared layer counts once, at the effective value its forward pass uses, and the
+parametrizations' internals (original weights, codebooks, index buffers, masks) never count.
+"""
 
 from __future__ import annotations
 
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+from .errors import ConfigError
+
+#: the layer types whose multiply-accumulates :func:`macs` counts
+MAC_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @torch.no_grad()
@@ -26,3 +43,274 @@ def error_rate(model: nn.Module, data: Dataset | DataLoader, batch_size: int = 1
     if total == 0:
         raise ValueError("error_rate: the data set is empty")
     return wrong / total
+
+
+# --------------------------------------------------------------------------- parameters and bytes
+
+
+def _effective_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    from ._state import effective_parameters  # lazy: keeps metrics importable from the method modules
+
+    return effective_parameters(model)
+
+
+def count_params(model: nn.Module) -> int:
+    """``sum_p numel(p)`` over the effective parameters (a pruned weight still counts in full)."""
+    return sum(int(t.numel()) for t in _effective_parameters(model).values())
+
+
+def count_nonzeros(model: nn.Module) -> int:
+    """``sum_p |{i : p_i != 0}|`` over the effective parameters (masked-out weights are zeros)."""
+    return sum(int(torch.count_nonzero(t)) for t in _effective_parameters(model).values())
+
+
+def fp32_bytes(model: nn.Module) -> int:
+    """Bytes of the dense fp32 model, ``4 * count_params(model)``: the numerator of the compression ratio."""
+    return 4 * count_params(model)
+
+
+def compression_ratio(reference: nn.Module | int, packed: str | os.PathLike[str] | int) -> float:
+    """Compression ratio = bytes of the dense fp32 model / bytes of the whole packed file (DESIGN.md).
+
+    ``reference`` is the original dense model (or its byte count); ``packed`` a file path (or a byte count).
+    """
+    dense = reference if isinstance(reference, int) else fp32_bytes(reference)
+    size = packed if isinstance(packed, int) else os.path.getsize(packed)
+    if size <= 0:
+        raise ValueError(f"compression_ratio: the packed size must be positive, got {size}")
+    return dense / size
+
+
+# --------------------------------------------------------------------------- MACs
+
+
+@dataclass(frozen=True)
+class LayerMacs:
+    """Multiply-accumulates of one layer for the example input.
+
+    ``dense = P * numel(W)`` and ``effective = P * nnz(W)``, where ``P`` is the number of output
+    positions (rows of a Linear's output; ``N * prod(output spatial dims)`` for a convolution):
+    each weight is used once per output position, groups included, since ``W`` has shape
+    ``(C_out, C_in / groups, *kernel)``. Bias additions and zero-padding are not treated specially
+    (the usual convention).
+    """
+
+    name: str
+    type: str
+    dense: int
+    effective: int
+    weight_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    calls: int = 1
+
+    @property
+    def density(self) -> float:
+        """``effective / dense`` (1.0 for a layer that does no work)."""
+        return self.effective / self.dense if self.dense else 1.0
+
+
+@dataclass(frozen=True)
+class MacsReport:
+    """Per-layer MACs of one forward pass on ``input_shape`` (the whole batch), and their totals."""
+
+    layers: tuple[LayerMacs, ...]
+    input_shape: tuple[int, ...]
+
+    @property
+    def dense(self) -> int:
+        return sum(layer.dense for layer in self.layers)
+
+    @property
+    def effective(self) -> int:
+        return sum(layer.effective for layer in self.layers)
+
+    @property
+    def speedup_bound(self) -> float:
+        """``dense / effective``: the MAC reduction (an upper bound on speedup, not a measured one)."""
+        return self.dense / self.effective if self.effective else math.inf
+
+    def __getitem__(self, name: str) -> LayerMacs:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no layer named {name!r} in the MACs report (layers: {', '.join(l.name for l in self.layers)})")
+
+    def to_dict(self) -> dict:
+        return {"input_shape": list(self.input_shape), "dense": self.dense, "effective": self.effective,
+                "layers": [asdict(layer) for layer in self.layers]}
+
+
+def _as_inputs(example_input: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    if isinstance(example_input, torch.Tensor):
+        return (example_input,)
+    if isinstance(example_input, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_input):
+        return tuple(example_input)
+    raise ConfigError("example_input", f"expected a tensor or a tuple of tensors, got {type(example_input).__name__}")
+
+
+@torch.no_grad()
+def macs(model: nn.Module, example_input: torch.Tensor | Sequence[torch.Tensor]) -> MacsReport:
+    """Count dense and effective MACs of every Linear / Conv layer in one forward pass.
+
+    Forward hooks record each layer's output shape; for a layer with weight ``W`` and ``P``
+    output positions (``P = numel(output) / C_out``), ``dense = P * numel(W)`` and
+    ``effective = P * nnz(W)`` (MACs that touch a non-zero weight). ``W`` is the effective weight
+    (masked or shared), as the forward pass uses it. A layer called twice is counted twice.
+    The counts are for the whole ``example_input`` batch: pass a batch of one for per-example MACs.
+    """
+    inputs = _as_inputs(example_input)
+    acc: dict[str, dict] = {}
+
+    def hook(name: str):
+        def fn(module: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
+            weight = module.weight
+            out_channels = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+            positions = out.numel() // out_channels
+            entry = acc.setdefault(name, {"name": name, "type": type(module).__name__, "dense": 0, "effective": 0,
+                                          "weight_shape": tuple(weight.shape), "output_shape": tuple(out.shape), "calls": 0})
+            entry["dense"] += positions * weight.numel()
+            entry["effective"] += positions * int(torch.count_nonzero(weight))
+            entry["calls"] += 1
+
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, MAC_LAYERS)]
+    was_training = model.training
+    model.eval()
+    try:
+        model(*inputs)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return MacsReport(tuple(LayerMacs(**e) for e in acc.values()), tuple(inputs[0].shape))
+
+
+# --------------------------------------------------------------------------- latency
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Wall-clock milliseconds of ``runs`` timed forward passes at one batch size (after ``warmup``)."""
+
+    batch_size: int
+    threads: int
+    runs: int
+    warmup: int
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    mean_ms: float
+    min_ms: float
+    device: str
+    times_ms: tuple[float, ...]
+
+    @property
+    def per_example_ms(self) -> float:
+        """``median_ms / batch_size``."""
+        return self.median_ms / self.batch_size
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def latency(
+    model: nn.Module,
+    example_input: torch.Tensor | Sequence[int],
+    batch_sizes: Sequence[int] = (1, 64),
+    runs: int = 30,
+    warmup: int = 5,
+    threads: int | None = None,
+) -> dict[int, LatencyStats]:
+    """Measured forward latency per batch size: median, p10 and p90 of ``runs`` (>= 20) timed passes.
+
+    ``example_input`` is the shape of one example without the batch dimension (e.g. ``(1, 28, 28)``;
+    a fixed-seed normal tensor is used) or a tensor whose first dimension is the batch (its first
+    row is repeated to each batch size). The model runs in eval mode under ``no_grad`` on the device
+    of its parameters; ``torch.set_num_threads(threads)`` (default: the current count) is fixed for
+    the measurement, reported in each result, and restored afterwards. Percentiles are numpy's
+    linear interpolation over the sorted times. No result here is a speedup; compare two models
+    measured in the same run (DESIGN.md).
+    """
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 20:
+        raise ConfigError("runs", f"latency needs at least 20 timed runs, got {runs!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ConfigError("warmup", f"must be a non-negative integer, got {warmup!r}")
+    for i, b in enumerate(batch_sizes):
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise ConfigError(f"batch_sizes[{i}]", f"must be a positive integer, got {b!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError("threads", f"must be a positive integer, got {threads!r}")
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    if isinstance(example_input, torch.Tensor):
+        if example_input.dim() == 0 or len(example_input) == 0:
+            raise ConfigError("example_input", "a tensor input needs a non-empty batch dimension")
+        one = example_input[:1].detach()
+    else:
+        shape = tuple(int(s) for s in example_input)
+        one = torch.randn((1, *shape), generator=torch.Generator().manual_seed(0))
+    one = one.to(device=device, dtype=dtype if one.is_floating_point() else one.dtype)
+
+    previous = torch.get_num_threads()
+    was_training = model.training
+    results: dict[int, LatencyStats] = {}
+    try:
+        torch.set_num_threads(threads if threads is not None else previous)
+        used = torch.get_num_threads()
+        model.eval()
+        for b in batch_sizes:
+            x = one.expand(b, *one.shape[1:]).contiguous()
+            for _ in range(warmup):
+                model(x)
+            _sync(device)
+            times = []
+            for _ in range(runs):
+                t0 = time.perf_counter_ns()
+                model(x)
+                _sync(device)
+                times.append((time.perf_counter_ns() - t0) / 1e6)
+            arr = np.asarray(times)
+            results[b] = LatencyStats(
+                batch_size=b, threads=used, runs=runs, warmup=warmup,
+                median_ms=float(np.median(arr)), p10_ms=float(np.percentile(arr, 10)), p90_ms=float(np.percentile(arr, 90)),
+                mean_ms=float(arr.mean()), min_ms=float(arr.min()), device=str(device), times_ms=tuple(times),
+            )
+    finally:
+        torch.set_num_threads(previous)
+        model.train(was_training)
+    return results
+
+
+# --------------------------------------------------------------------------- SQNR
+
+
+def sqnr_db(reference: torch.Tensor | np.ndarray, approx: torch.Tensor | np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio in decibels, computed in float64:
+
+    ``SQNR = 10 * log10( sum_i x_i^2 / sum_i (x_i - q_i)^2 )`` for reference ``x`` and
+    approximation ``q`` (each bit of a uniform quantizer adds about 6.02 dB; Widrow & Kollar,
+    "Quantization Noise", 2008). Identical inputs give ``+inf``; a zero reference with non-zero
+    error gives ``-inf``.
+    """
+    x = torch.as_tensor(reference).detach().to("cpu", torch.float64)
+    q = torch.as_tensor(approx).detach().to("cpu", torch.float64)
+    if x.shape != q.shape:
+        raise ValueError(f"sqnr_db: shapes differ, {tuple(x.shape)} vs {tuple(q.shape)}")
+    signal = float((x * x).sum())
+    noise = float(((x - q) ** 2).sum())
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+__all__ = [
+    "error_rate", "count_params", "count_nonzeros", "fp32_bytes", "compression_ratio",
+    "LayerMacs", "MacsReport", "macs", "LatencyStats", "latency", "sqnr_db", "MAC_LAYERS",
+]

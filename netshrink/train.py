@@ -1,0 +1,493 @@
+"""The one Trainer: fitting and fine-tuning, with checkpoints, resume, LR schedules and progress.
+
+Every method that needs training (fine-tuning after pruning or sharing, distillation, QAT) goes
+through :class:`Trainer`. Masks and shared weights are parametrizations, so the Trainer respects
+them simply by optimising the parameters that require grad: a masked layer trains ``original``,
+whose pruned entries get zero gradient through the mask; a shared layer trains its ``codebook``
+and freezes ``original``.
+
+Example::
+
+    trainer = Trainer(model, TrainConfig(epochs=5, lr=0.01, schedule="cosine"))
+    result = trainer.fit(train_set, val_set, checkpoint_dir="runs/ft", resume=True)
+    print(result.final_val_error)
+
+Reproducibility: ``torch.manual_seed(seed)`` at the start of :meth:`Trainer.fit`; the shuffling of
+epoch ``e`` comes from a ``torch.Generator`` seeded from ``(seed, e)`` alone, and a checkpoint stores
+every RNG state, so a resumed run sees the same batches as an uninterrupted one and, on CPU, lands on
+the same weights bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Literal, Mapping, Optional
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
+
+from . import _checkpoint as ckpt
+from ._checkpoint import CheckpointError
+from .config import BaseConfig, check_range
+from .errors import ConfigError, DataError, ModelError, NetshrinkError
+from .metrics import error_rate
+
+logger = logging.getLogger("netshrink.train")
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ExtraLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+#: config fields that do not change the training trajectory (left out of the fingerprint)
+_NOT_IN_FINGERPRINT = ("epochs", "progress", "num_workers", "device")
+
+
+class DivergenceError(NetshrinkError):
+    """The training loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+# ------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class TrainConfig(BaseConfig):
+    """How to train or fine-tune: the ``train:`` / ``finetune:`` section of a recipe.
+
+    - ``optimizer``: ``"sgd"`` (``momentum``, ``nesterov``) or ``"adam"`` (``momentum`` is its beta1,
+      beta2 is 0.999). ``weight_decay`` is the coupled L2 penalty of both torch optimizers.
+    - ``schedule``: the learning rate of 0-based epoch ``e`` of ``E = epochs`` (see :func:`lr_factor`):
+      ``constant``: ``lr``; ``step``: ``lr * gamma ** floor(e / step_size)``;
+      ``cosine``: ``lr * (1 + cos(pi * e / E)) / 2`` (annealing to 0, Loshchilov & Hutter, SGDR, 2017).
+    - ``device``: ``"auto"`` picks CUDA when available. ``grad_clip``: max global L2 norm of the
+      gradient, or None. ``progress``: a tqdm bar per epoch when stderr is a terminal.
+    """
+
+    epochs: int = 10
+    batch_size: int = 64
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: Literal["constant", "step", "cosine"] = "constant"
+    step_size: int = 10
+    gamma: float = 0.1
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: int = 0
+    progress: bool = True
+    grad_clip: Optional[float] = None
+
+    def validate(self) -> None:
+        _at_least("epochs", self.epochs, 0)
+        _at_least("batch_size", self.batch_size, 1)
+        _positive("lr", self.lr)
+        check_range("momentum", self.momentum, 0.0, 1.0, hi_open=True)
+        if self.nesterov and self.optimizer != "sgd":
+            raise ConfigError("nesterov", f"applies only to optimizer 'sgd', not {self.optimizer!r}")
+        if self.nesterov and self.momentum == 0:
+            raise ConfigError("nesterov", "needs momentum > 0")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError("weight_decay", f"must be a finite number >= 0, got {self.weight_decay}")
+        _at_least("step_size", self.step_size, 1)
+        check_range("gamma", self.gamma, 0.0, 1.0, lo_open=True)
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError("seed", f"must lie in [0, 2**63), got {self.seed}")
+        _at_least("num_workers", self.num_workers, 0)
+        if self.grad_clip is not None:
+            _positive("grad_clip", self.grad_clip)
+
+    def fingerprint(self) -> str:
+        """Hash of the fields that shape the trajectory (``epochs`` too, for the cosine schedule)."""
+        return hashlib.sha256(json.dumps(_trajectory_fields(self.to_dict()), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _at_least(name: str, value: int, lo: int) -> None:
+    if value < lo:
+        raise ConfigError(name, f"must be >= {lo}, got {value}")
+
+
+def _positive(name: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(name, f"must be a finite number > 0, got {value}")
+
+
+def _trajectory_fields(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in cfg.items() if k not in _NOT_IN_FINGERPRINT}
+    if cfg.get("schedule") == "cosine":  # the cosine curve depends on the length of the run
+        out["epochs"] = cfg.get("epochs")
+    return out
+
+
+def lr_factor(config: TrainConfig, epoch: int) -> float:
+    """The multiplier of ``config.lr`` in 0-based ``epoch``.
+
+    ``constant``: 1. ``step``: ``gamma ** floor(epoch / step_size)``.
+    ``cosine``: ``(1 + cos(pi * epoch / epochs)) / 2`` — 1 in the first epoch, near 0 in the last.
+    """
+    if config.schedule == "step":
+        return config.gamma ** (epoch // config.step_size)
+    if config.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / config.epochs)) if config.epochs > 0 else 1.0
+    return 1.0
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without CUDA is a :class:`ConfigError`."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", "'cuda' was asked for but CUDA is not available here")
+    return torch.device(name)
+
+
+# ------------------------------------------------------------------------------------ results
+
+
+@dataclass
+class EpochStats:
+    """One finished epoch (``epoch`` counts from 1); ``seconds`` covers training and validation."""
+
+    epoch: int
+    train_loss: float
+    val_error: float | None
+    lr: float
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.fit` did.
+
+    ``history`` holds every finished epoch of the run, including those before a resume;
+    ``epochs_run`` counts the epochs trained by this call, ``epochs_done`` all finished epochs,
+    ``resumed_from`` the epoch a resume started after (0 for a fresh run).
+    """
+
+    history: list[EpochStats] = field(default_factory=list)
+    final_val_error: float | None = None
+    epochs_run: int = 0
+    epochs_done: int = 0
+    resumed_from: int = 0
+
+    @property
+    def final_train_loss(self) -> float | None:
+        return self.history[-1].train_loss if self.history else None
+
+
+# ------------------------------------------------------------------------------------ trainer
+
+
+class Trainer:
+    """Trains ``model`` with ``config``; the one trainer behind fitting and fine-tuning.
+
+    ``loss_fn(logits, y)`` defaults to cross-entropy. ``extra_loss(model, x, y, logits)``, when given,
+    is added to the loss of every batch (the hook for distillation and regularisers). The optimizer
+    gets only the parameters with ``requires_grad``. After :meth:`fit`, ``optimizer``, ``scheduler``
+    and ``device`` are available as attributes and the model stays on ``device``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig | Mapping[str, Any] | None = None,
+        *,
+        loss_fn: LossFn | None = None,
+        extra_loss: ExtraLoss | None = None,
+    ):
+        if config is None:
+            config = TrainConfig()
+        elif isinstance(config, Mapping):
+            config = TrainConfig.from_dict(dict(config))
+        elif not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig or a mapping, got {type(config).__name__}")
+        self.model = model
+        self.config: TrainConfig = config
+        self.loss_fn: LossFn = loss_fn if loss_fn is not None else nn.functional.cross_entropy
+        self.extra_loss = extra_loss
+        self.device: torch.device | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+
+    # -------------------------------------------------------------------------------- building
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The model's parameters that require grad (each once), in ``model.parameters()`` order."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        cfg = self.config
+        if cfg.optimizer == "adam":
+            return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+        )
+
+    def _build_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        cfg = self.config
+
+        def factor(epoch: int) -> float:  # a plain function: LambdaLR's state_dict then holds no code
+            return lr_factor(cfg, epoch)
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    def _make_sampler(self, dataset: Dataset, epoch: int) -> Sampler[int]:
+        """The sampler of ``epoch``: a random permutation seeded from ``(seed, epoch)``.
+
+        This is where a ``DistributedSampler(dataset, seed=..., shuffle=True)`` with
+        ``set_epoch(epoch)`` will slot in for multi-process training.
+        """
+        return RandomSampler(dataset, generator=_generator(self.config.seed, epoch))
+
+    def _make_loader(self, data: Dataset | DataLoader, epoch: int) -> DataLoader:
+        """The loader of ``epoch``: built here from a Dataset; a user's DataLoader is used as given
+        (its ``sampler.set_epoch`` is called when it has one; its shuffling is then its own)."""
+        if isinstance(data, DataLoader):
+            set_epoch = getattr(data.sampler, "set_epoch", None)
+            if callable(set_epoch):
+                set_epoch(epoch)
+            return data
+        assert self.device is not None
+        return DataLoader(
+            data,
+            batch_size=self.config.batch_size,
+            sampler=self._make_sampler(data, epoch),
+            num_workers=self.config.num_workers,
+            pin_memory=self.device.type == "cuda",
+            generator=_generator(self.config.seed, epoch, salt=1),  # worker seeds
+        )
+
+    # ------------------------------------------------------------------------------------ fit
+
+    def fit(
+        self,
+        train_data: Dataset | DataLoader,
+        val_data: Dataset | DataLoader | None = None,
+        *,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        resume: bool = False,
+    ) -> TrainResult:
+        """Train for ``config.epochs`` epochs; validate after each when ``val_data`` is given.
+
+        With ``checkpoint_dir``, a checkpoint is written atomically after every epoch. With
+        ``resume=True`` a run continues after the last finished epoch of that checkpoint (or starts
+        afresh when there is none); a finished run returns at once, with its weights loaded into the
+        model. An interrupted epoch (Ctrl-C, a kill) is lost; the checkpoint before it stays valid.
+        """
+        cfg = self.config
+        if resume and checkpoint_dir is None:
+            raise CheckpointError("resume=True needs a checkpoint_dir")
+        path = ckpt.checkpoint_path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.device = resolve_device(cfg.device)
+        model = self.model.to(self.device)
+        was_training = model.training
+        torch.manual_seed(cfg.seed)
+        params = self.trainable_parameters()
+        if not params:
+            raise ModelError("the model has no parameter that requires grad: nothing to train")
+        self.optimizer = self._build_optimizer(params)
+        self.scheduler = self._build_scheduler(self.optimizer)
+
+        history: list[EpochStats] = []
+        start = 0
+        if path is not None and resume and path.exists():
+            start, history = self._resume(path)
+            logger.info("resuming from %s after epoch %d of %d", path, start, cfg.epochs)
+        elif path is not None and path.exists():
+            logger.warning("%s exists and resume=False: it will be overwritten by this run", path)
+
+        if start >= cfg.epochs:
+            return self._result(history, val_data, epochs_run=0, resumed_from=start)
+        if not isinstance(train_data, DataLoader) and hasattr(train_data, "__len__") and len(train_data) == 0:
+            raise DataError("train_data is empty")
+
+        epoch = start
+        try:
+            for epoch in range(start, cfg.epochs):
+                history.append(self._run_epoch(train_data, val_data, epoch))
+                if path is not None:
+                    self._save(path, epoch + 1, history)
+        except KeyboardInterrupt:
+            logger.warning(
+                "interrupted during epoch %d; %s", epoch + 1,
+                f"the checkpoint after epoch {epoch} in {path} stays valid" if path is not None and epoch > 0
+                else "no epoch of this run was saved",
+            )
+            raise
+        finally:
+            model.train(was_training)
+        return self._result(history, val_data, epochs_run=cfg.epochs - start, resumed_from=start)
+
+    def evaluate(self, data: Dataset | DataLoader) -> float:
+        """Top-1 error of the model on ``data`` (:func:`netshrink.metrics.error_rate`)."""
+        return error_rate(self.model, data, device=self.device)  # None: the model's own device
+
+    def _result(self, history: list[EpochStats], val_data: Any, *, epochs_run: int, resumed_from: int) -> TrainResult:
+        if history:
+            final = history[-1].val_error
+        else:  # epochs == 0: measure the model as it is
+            final = self.evaluate(val_data) if val_data is not None else None
+        return TrainResult(list(history), final, epochs_run, len(history), resumed_from)
+
+    # ---------------------------------------------------------------------------------- epoch
+
+    def _run_epoch(self, train_data: Dataset | DataLoader, val_data: Any, epoch: int) -> EpochStats:
+        cfg, model = self.config, self.model
+        assert self.optimizer is not None and self.scheduler is not None and self.device is not None
+        t0 = time.perf_counter()
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        loader = self._make_loader(train_data, epoch)
+        bar = _progress_bar(loader, f"epoch {epoch + 1}/{cfg.epochs}") if cfg.progress else None
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+
+        model.train()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = 0
+        for step, batch in enumerate(bar if bar is not None else loader):
+            x, y = _split_batch(batch)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            self.optimizer.zero_grad(set_to_none=True)
+            logits = model(x)
+            loss = self.loss_fn(logits, y)
+            if self.extra_loss is not None:
+                loss = loss + self.extra_loss(model, x, y, logits)
+            loss.backward()
+            if cfg.grad_clip is not None:
+                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            self.optimizer.step()
+            n = int(y.shape[0]) if y.dim() > 0 else 1
+            total += loss.detach().to(torch.float64) * n
+            count += n
+            if bar is not None and step % 10 == 0:
+                bar.set_postfix(loss=f"{float(total) / count:.4f}", refresh=False)
+        if count == 0:
+            raise DataError("train_data yielded no batch")
+        train_loss = float(total) / count
+        if not math.isfinite(train_loss):
+            if bar is not None:
+                bar.close()
+            raise DivergenceError(
+                f"the training loss became {train_loss} in epoch {epoch + 1} (lr {lr:g}); "
+                "lower lr or set grad_clip"
+            )
+
+        val_error = error_rate(model, val_data, device=self.device) if val_data is not None else None
+        self.scheduler.step()
+        stats = EpochStats(epoch + 1, train_loss, val_error, lr, time.perf_counter() - t0)
+        line = _describe(stats, cfg.epochs)
+        if bar is not None:
+            bar.set_postfix_str(line.split(": ", 1)[1], refresh=True)
+            bar.close()
+            logger.debug(line)
+        else:
+            logger.info(line)
+        return stats
+
+    # ----------------------------------------------------------------------------- checkpoint
+
+    def _save(self, path: os.PathLike[str], epochs_done: int, history: list[EpochStats]) -> None:
+        assert self.optimizer is not None and self.scheduler is not None
+        cfg = self.config
+        payload = ckpt.build_payload(
+            epochs_done=epochs_done,
+            epochs=cfg.epochs,
+            model=self.model.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            history=[asdict(s) for s in history],
+            config=cfg.to_dict(),
+            fingerprint=cfg.fingerprint(),
+        )
+        ckpt.save_atomic(payload, path)
+
+    def _resume(self, path: os.PathLike[str]) -> tuple[int, list[EpochStats]]:
+        """Load a checkpoint into the model, optimizer, scheduler and RNGs; (epochs done, history)."""
+        assert self.optimizer is not None and self.scheduler is not None
+        cfg = self.config
+        state = ckpt.load_checkpoint(path)
+        if state["fingerprint"] != cfg.fingerprint():
+            now = cfg.to_dict()
+            keys = sorted(set(_trajectory_fields(state["config"])) | set(_trajectory_fields(now)))
+            ckpt.raise_config_mismatch(path, state["config"], now, keys)
+        ckpt.check_model_fits(state["model"], self.model, path)
+        try:
+            history = [EpochStats(**h) for h in state["history"]]
+        except TypeError:
+            raise CheckpointError(f"checkpoint {path} is corrupt: its history is malformed") from None
+        if len(history) != state["epochs_done"]:
+            raise CheckpointError(f"checkpoint {path} is corrupt: history and epochs_done disagree")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            ckpt.restore_rng(state["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
+            raise CheckpointError(
+                f"checkpoint {path} does not fit this model and optimizer ({type(err).__name__}: "
+                f"{str(err).splitlines()[0][:200] if str(err) else 'no detail'})"
+            ) from None
+        done = state["epochs_done"]
+        if done > cfg.epochs:
+            logger.warning("checkpoint %s holds %d epochs, more than the %d asked for", path, done, cfg.epochs)
+        return done, history
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _generator(seed: int, epoch: int, salt: int = 0) -> torch.Generator:
+    """A CPU generator seeded from ``(seed, epoch, salt)`` alone (63 bits of a SHA-256)."""
+    digest = hashlib.sha256(f"netshrink:{seed}:{epoch}:{salt}".encode()).digest()
+    g = torch.Generator()
+    g.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return g
+
+
+def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise DataError(f"each batch must be a pair (inputs, targets), got {type(batch).__name__}")
+
+
+def _stderr_is_tty() -> bool:
+    stream = sys.stderr
+    try:
+        return stream is not None and stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _progress_bar(loader: Iterable[Any], desc: str) -> Any:
+    """A tqdm bar over ``loader`` when stderr is a terminal, else None."""
+    if not _stderr_is_tty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(loader, desc=desc, unit="batch", leave=True, dynamic_ncols=True, file=sys.stderr)
+
+
+def _describe(stats: EpochStats, epochs: int) -> str:
+    val = f", val error {100 * stats.val_error:.2f}%" if stats.val_error is not None else ""
+    return (
+        f"epoch {stats.epoch}/{epochs}: train loss {stats.train_loss:.4f}{val}, "
+        f"lr {stats.lr:.3g}, {stats.seconds:.1f} s"
+    )
+
+
+__all__ = [
+    "CheckpointError",
+    "DivergenceError",
+    "EpochStats",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "lr_factor",
+    "resolve_device",
+]
