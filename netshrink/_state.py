@@ -49,8 +49,8 @@ def effective_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for mod_name, module in model.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
-        if mod_name.endswith("parametrizations") or ".parametrizations." in f"{mod_name}.":
-            continue
+        if "parametrizations" in mod_name.split("."):
+            continue  # a parametrization's internals: its weight is reported once, below
         plist = getattr(module, "parametrizations", None)
         for name in list(module._parameters) + list(module._buffers):
             t = getattr(module, name)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from ._fileio import atomic_write, cache_root
 from .errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -97,12 +98,7 @@ def _splits_from_pixels(name: str, arrays: dict[str, np.ndarray]) -> Splits:
 
 def resolve_cache_dir(path: str | os.PathLike[str] | None = None) -> Path:
     """The cache directory: ``path``, else ``$NETSHRINK_CACHE``, else ``~/.cache/netshrink``."""
-    if path is not None:
-        return Path(path).expanduser()
-    env = os.environ.get(ENV_CACHE)
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "netshrink"
+    return cache_root(path)
 
 
 def sha256_hex(data: bytes) -> str:
@@ -116,22 +112,7 @@ def verify_sha256(data: bytes, expected: str, what: str) -> None:
         raise DataError(f"checksum mismatch for {what}: expected sha256 {expected}, got {got}")
 
 
-def _atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write through a temporary file in ``path``'s folder, then ``os.replace`` it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+_atomic_write = atomic_write
 
 
 # --------------------------------------------------------------------------- restricted unpickling

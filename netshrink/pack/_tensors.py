@@ -1,0 +1,304 @@
+"""Encoding one tensor into .nsk parts, and checking and decoding it back, exactly.
+
+Encodings (the header entry's ``encoding``) and their parts (one section each):
+
+* ``raw``: ``data`` — the tensor's bytes, little-endian, in its own dtype.
+* ``sparse``: ``positions`` (gap stream, :mod:`netshrink.pack.sparse`) + ``values`` of the kept entries.
+* ``codebook``: ``codebook`` (fp32 centroids) + ``indices`` (one symbol per weight, dense).
+* ``sparse_codebook``: ``positions`` + ``codebook`` + ``indices`` of the kept entries only.
+
+The values, the centroids and the raw bytes are stored bit for bit, and the pruned entries decode to
+``+0.0`` as the mask parametrization produces them, so the decoded tensor equals the packed one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._state import WeightState
+from ..errors import FormatError, ModelError
+from . import sparse
+from ._bits import bit_width
+from ._format import MAX_DIMS, field, int_field
+from ._streams import code_stream, decode_stream
+
+log = logging.getLogger(__name__)
+
+# name -> (torch dtype, little-endian numpy dtype of the stored bytes)
+DTYPES: dict[str, tuple[torch.dtype, str]] = {
+    "float32": (torch.float32, "<f4"),
+    "float16": (torch.float16, "<f2"),
+    "bfloat16": (torch.bfloat16, "<i2"),
+    "float64": (torch.float64, "<f8"),
+    "int64": (torch.int64, "<i8"),
+    "int32": (torch.int32, "<i4"),
+    "int16": (torch.int16, "<i2"),
+    "int8": (torch.int8, "i1"),
+    "uint8": (torch.uint8, "u1"),
+    "bool": (torch.bool, "u1"),
+}
+_FLOATS = ("float32", "float16", "bfloat16", "float64")
+_BITS_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float64: torch.int64}
+ENCODINGS = {
+    "raw": ("data",),
+    "sparse": ("positions", "values"),
+    "codebook": ("codebook", "indices"),
+    "sparse_codebook": ("positions", "codebook", "indices"),
+}
+MAX_CODEBOOK = 1 << 24
+MAX_DIM = 1 << 40
+
+
+def dtype_name(dtype: torch.dtype, name: str) -> str:
+    for key, (dt, _) in DTYPES.items():
+        if dt == dtype:
+            return key
+    raise ModelError(f"{name}: dtype {dtype} cannot be packed (supported: {', '.join(DTYPES)})")
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().contiguous().reshape(-1)
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    elif t.dtype == torch.bool:
+        t = t.view(torch.uint8)
+    return t.numpy().astype(DTYPES[dtype_name(t.dtype, "")][1], copy=False).tobytes()
+
+
+def bytes_tensor(data: memoryview, dtype: str, count: int, where: str) -> torch.Tensor:
+    """1-d tensor of ``count`` elements of ``dtype`` from exactly ``count * itemsize`` bytes."""
+    tdt, ndt = DTYPES[dtype]
+    size = np.dtype(ndt).itemsize
+    if len(data) != count * size:
+        raise FormatError(f"{where}: {len(data)} bytes do not hold {count} {dtype} values")
+    arr = np.frombuffer(data, dtype=ndt, count=count).astype(np.dtype(ndt).newbyteorder("="))
+    t = torch.from_numpy(arr)
+    if dtype == "bfloat16":
+        return t.view(torch.bfloat16)
+    if dtype == "bool":
+        if count and int(arr.max()) > 1:
+            raise FormatError(f"{where}: a bool value is neither 0 nor 1")
+        return t.to(torch.bool)
+    return t
+
+
+@dataclass
+class Encoded:
+    """One tensor's header entry and its parts' bytes (in the entry's part order)."""
+
+    entry: dict[str, Any]
+    parts: list[tuple[str, bytes]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(b) for _, b in self.parts)
+
+
+def _positions_part(positions: np.ndarray, numel: int, coding: str) -> tuple[dict[str, Any], bytes]:
+    choice = sparse.choose_gap_bits(positions, numel, coding)
+    gaps = sparse.encode_positions(positions, numel, choice.bits)
+    s = code_stream(gaps.symbols, choice.bits, coding)
+    return s.describe(), s.data
+
+
+def _encode_sparse(name: str, t: torch.Tensor, positions: np.ndarray, masked: bool, coding: str, base: dict) -> Encoded:
+    pdesc, pdata = _positions_part(positions, t.numel(), coding)
+    values = t.reshape(-1)[torch.from_numpy(positions)]
+    vdesc = {"dtype": base["dtype"], "count": int(positions.size)}
+    entry = dict(base, encoding="sparse", masked=masked, kept=int(positions.size), parts={"positions": pdesc, "values": vdesc})
+    return Encoded(entry, [("positions", pdata), ("values", tensor_bytes(values))])
+
+
+def _encode_codebook(name: str, t: torch.Tensor, ws: WeightState, coding: str, base: dict) -> Encoded | None:
+    codebook = ws.codebook.reshape(-1).to(torch.float32)
+    indices = ws.indices.reshape(-1).to(torch.int64)
+    k = codebook.numel()
+    if t.dtype != torch.float32 or indices.numel() != t.numel() or not 1 <= k <= MAX_CODEBOOK:
+        return None
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= k):
+        return None
+    dense = codebook[indices]
+    positions = None
+    if ws.mask is not None:
+        keep = ws.mask.reshape(-1).to(torch.bool)
+        dense = torch.where(keep, dense, torch.zeros((), dtype=dense.dtype))
+        positions = sparse.positions_from_mask(keep.numpy())
+    if not torch.equal(dense.view(torch.int32), t.reshape(-1).view(torch.int32)):
+        return None
+    bits = bit_width(k - 1)
+    cb_desc = {"dtype": "float32", "count": k}
+    if positions is None:
+        s = code_stream(indices.numpy(), bits, coding)
+        entry = dict(base, encoding="codebook", masked=False, kept=t.numel(), parts={"codebook": cb_desc, "indices": s.describe()})
+        return Encoded(entry, [("codebook", tensor_bytes(codebook)), ("indices", s.data)])
+    pdesc, pdata = _positions_part(positions, t.numel(), coding)
+    s = code_stream(indices.numpy()[positions], bits, coding)
+    parts = {"positions": pdesc, "codebook": cb_desc, "indices": s.describe()}
+    entry = dict(base, encoding="sparse_codebook", masked=True, kept=int(positions.size), parts=parts)
+    return Encoded(entry, [("positions", pdata), ("codebook", tensor_bytes(codebook)), ("indices", s.data)])
+
+
+def encode_tensor(name: str, tensor: torch.Tensor, ws: WeightState | None, coding: str) -> Encoded:
+    """The smallest exact encoding of ``tensor`` given its compression structure ``ws``.
+
+    A codebook gives ``codebook``/``sparse_codebook``, a mask gives ``sparse`` (positions from the mask),
+    a plain tensor ``raw`` or, when mostly zeros and smaller so, ``sparse`` over its non-zero bit patterns.
+    A structure that does not reproduce the tensor exactly falls back to the plain path with a warning.
+    """
+    t = tensor.detach().cpu().contiguous()
+    dname = dtype_name(t.dtype, name)
+    base = {"name": name, "shape": list(t.shape), "dtype": dname, "nonzeros": int(torch.count_nonzero(t))}
+    if ws is not None and ws.codebook is not None:
+        enc = _encode_codebook(name, t, ws, coding, base)
+        if enc is not None:
+            return enc
+        log.warning("%s: codebook and indices do not reproduce the weight exactly; packing it without sharing", name)
+    if ws is not None and ws.mask is not None and dname in _FLOATS and ws.mask.shape == t.shape:
+        keep = ws.mask.reshape(-1).to(torch.bool)
+        outside = t.reshape(-1).view(_BITS_VIEW[t.dtype])[~keep]
+        if not bool(torch.any(outside != 0)):
+            return _encode_sparse(name, t, sparse.positions_from_mask(keep.numpy()), True, coding, base)
+        log.warning("%s: weight is non-zero outside its mask; packing it without the mask", name)
+    raw = Encoded(dict(base, encoding="raw", masked=False, kept=t.numel(), parts={"data": {"dtype": dname, "count": t.numel()}}), [("data", tensor_bytes(t))])
+    if dname in _FLOATS and t.numel() >= 16:
+        bits = t.reshape(-1).view(_BITS_VIEW[t.dtype]) != 0
+        if int(bits.sum()) * 2 <= t.numel():
+            cand = _encode_sparse(name, t, np.flatnonzero(bits.numpy()).astype(np.int64), False, coding, base)
+            if cand.nbytes < raw.nbytes:
+                return cand
+    return raw
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A checked header entry: what one tensor is and where its parts lie (section indices)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    encoding: str
+    masked: bool
+    nonzeros: int
+    kept: int
+    parts: dict[str, dict[str, Any]]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def check_entry(entry: Any, where: str, n_sections: int) -> TensorSpec:
+    """Validate the structure of one header tensor entry (no section is read)."""
+    name = field(entry, "name", str, where)
+    where = f"{where} ({name!r})"
+    shape = field(entry, "shape", list, where)
+    if len(shape) > MAX_DIMS:
+        raise FormatError(f"{where}.shape: {len(shape)} dimensions exceed the limit of {MAX_DIMS}")
+    shape_t = tuple(int_field({f"[{i}]": d}, f"[{i}]", f"{where}.shape", 0, MAX_DIM) for i, d in enumerate(shape))
+    dtype = field(entry, "dtype", str, where)
+    if dtype not in DTYPES:
+        raise FormatError(f"{where}.dtype: unknown dtype {dtype!r}")
+    encoding = field(entry, "encoding", str, where)
+    if encoding not in ENCODINGS:
+        raise FormatError(f"{where}.encoding: unknown encoding {encoding!r}")
+    numel = math.prod(shape_t)
+    kept = int_field(entry, "kept", where, 0, numel)
+    nonzeros = int_field(entry, "nonzeros", where, 0, numel)
+    masked = field(entry, "masked", bool, where)
+    parts = field(entry, "parts", dict, where)
+    if sorted(parts) != sorted(ENCODINGS[encoding]):
+        raise FormatError(f"{where}.parts: {encoding} needs parts {list(ENCODINGS[encoding])}, got {sorted(parts)}")
+    for pname in ENCODINGS[encoding]:
+        pw = f"{where}.parts.{pname}"
+        int_field(parts[pname], "section", pw, 0, n_sections - 1)
+        int_field(parts[pname], "count", pw)
+        if pname in ("positions", "indices"):
+            if parts[pname].get("coding") not in ("fixed", "huffman"):
+                raise FormatError(f"{pw}.coding: expected 'fixed' or 'huffman', got {parts[pname].get('coding')!r}")
+            int_field(parts[pname], "bits", pw, 1, 64)
+            int_field(parts[pname], "coded_bits", pw)
+            if not isinstance(parts[pname].get("entropy_bits"), (int, float)) or isinstance(parts[pname].get("entropy_bits"), bool):
+                raise FormatError(f"{pw}.entropy_bits: expected a number")
+    if encoding in ("codebook", "sparse_codebook") and dtype != "float32":
+        raise FormatError(f"{where}.dtype: {encoding} needs float32, got {dtype}")
+    if encoding == "sparse" and dtype not in _FLOATS:
+        raise FormatError(f"{where}.dtype: sparse needs a floating dtype, got {dtype}")
+    if encoding in ("raw", "codebook") and kept != numel:
+        raise FormatError(f"{where}.kept: {encoding} keeps all {numel} entries, header says {kept}")
+    return TensorSpec(name, shape_t, dtype, encoding, masked, nonzeros, kept, parts)
+
+
+@dataclass
+class Decoded:
+    """A decoded tensor and, for ``restore``, its compression structure."""
+
+    tensor: torch.Tensor
+    mask: torch.Tensor | None = None
+    codebook: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+
+
+def decode_tensor(spec: TensorSpec, views: list[memoryview], where: str) -> Decoded:
+    """Dense tensor of ``spec`` from its sections; every count is checked against the section sizes."""
+    at = f"{where}: tensor {spec.name!r}"
+    numel, kept = spec.numel, spec.kept
+
+    def part(p: str) -> tuple[dict[str, Any], memoryview, str]:
+        return spec.parts[p], views[spec.parts[p]["section"]], f"{at}, section '{spec.name}/{p}'"
+
+    if spec.encoding == "raw":
+        desc, data, w = part("data")
+        if desc.get("dtype") != spec.dtype or int_field(desc, "count", w) != numel:
+            raise FormatError(f"{w}: dtype/count disagree with the tensor")
+        return Decoded(bytes_tensor(data, spec.dtype, numel, w).reshape(spec.shape))
+    positions = None
+    if "positions" in spec.parts:
+        desc, data, w = part("positions")
+        gaps = decode_stream(desc, data, w, sparse.MAX_GAP_BITS, numel)
+        try:
+            positions = sparse.decode_positions(gaps, int(desc["bits"]), numel, kept)
+        except FormatError as exc:
+            raise FormatError(f"{w}: {exc}") from None
+    if spec.encoding == "sparse":
+        desc, data, w = part("values")
+        if desc.get("dtype") != spec.dtype or int_field(desc, "count", w) != kept:
+            raise FormatError(f"{w}: dtype/count disagree with the tensor")
+        values = bytes_tensor(data, spec.dtype, kept, w)
+        dense = torch.zeros(numel, dtype=values.dtype)
+        pos_t = torch.from_numpy(positions)
+        dense[pos_t] = values
+        mask = None
+        if spec.masked:
+            mask = torch.zeros(numel, dtype=torch.bool)
+            mask[pos_t] = True
+            mask = mask.reshape(spec.shape)
+        return Decoded(dense.reshape(spec.shape), mask=mask)
+    desc, data, w = part("codebook")
+    k = int_field(desc, "count", w, 1, MAX_CODEBOOK)
+    if desc.get("dtype") != "float32":
+        raise FormatError(f"{w}: codebook dtype must be float32")
+    codebook = bytes_tensor(data, "float32", k, w)
+    desc, data, w = part("indices")
+    n_idx = numel if positions is None else kept
+    if int_field(desc, "count", w) != n_idx:
+        raise FormatError(f"{w}: {desc['count']} indices, expected {n_idx}")
+    idx = decode_stream(desc, data, w, 32, n_idx)
+    if idx.size and int(idx.max()) >= k:
+        raise FormatError(f"{w}: an index exceeds the codebook of {k} entries")
+    idx_t = torch.from_numpy(idx)
+    if positions is None:
+        return Decoded(codebook[idx_t].reshape(spec.shape), codebook=codebook, indices=idx_t.reshape(spec.shape))
+    pos_t = torch.from_numpy(positions)
+    dense = torch.zeros(numel, dtype=torch.float32)
+    dense[pos_t] = codebook[idx_t]
+    full_idx = torch.zeros(numel, dtype=torch.int64)
+    full_idx[pos_t] = idx_t
+    mask = torch.zeros(numel, dtype=torch.bool)
+    mask[pos_t] = True
+    return Decoded(dense.reshape(spec.shape), mask.reshape(spec.shape), codebook, full_idx.reshape(spec.shape))
