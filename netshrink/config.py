@@ -102,6 +102,16 @@ class BaseConfig:
     def validate(self) -> None:  # pragma: no cover - overridden where there is something to check
         """Range checks; raise :class:`ConfigError` naming the field."""
 
+    def check_model(self, model: Any) -> None:
+        """Checks that need the model (layer names exist); raise :class:`ConfigError` naming the field.
+
+        Called on a fresh model before a recipe runs, so bad layer names fail before anything is written.
+        """
+
+    def substages(self) -> list["BaseConfig"]:
+        """The configs this one runs as, in order (an iterative method expands into its rounds)."""
+        return [self]
+
     @classmethod
     def from_dict(cls, data: Any, where: str = "") -> "BaseConfig":
         """Build from a plain mapping; unknown keys and wrong types raise :class:`ConfigError`."""

@@ -4,10 +4,10 @@ Layout (all integers little-endian)::
 
     offset 0   8 bytes  magic b"\\x89NSK\\r\\n\\x1a\\n"
     offset 8   u16      format version (1)
-    offset 10  u16      flags, must be 0
-    offset 12  u32      header length H
-    offset 16  u32      CRC32 (zlib) of the header bytes
-    offset 20  H bytes  UTF-8 JSON header
+    offset 10  u16      flags: bit 0 = the header is zlib-deflated; other bits must be 0
+    offset 12  u32      header length H (as stored)
+    offset 16  u32      CRC32 (zlib) of the header bytes as stored
+    offset 20  H bytes  UTF-8 JSON header (deflated when flag bit 0 is set: a third of the bytes)
     20 + H     sections, back to back; header["sections"][i] = {name, offset, length, crc32},
                offsets relative to 20 + H; the file ends exactly after the last section.
 
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 MAGIC = b"\x89NSK\r\n\x1a\n"
 VERSION = 1
 PRELUDE = struct.Struct("<8sHHII")
+FLAG_DEFLATE = 0x0001
 #: sane limits checked before anything is allocated
 MAX_HEADER_BYTES = 64 << 20
 MAX_FILE_BYTES = 1 << 36
@@ -57,7 +58,11 @@ def serialize(header: dict[str, Any], sections: list[tuple[str, bytes]]) -> tupl
         raise FormatError(f"header is not JSON-serializable: {exc}") from None
     if len(text) > MAX_HEADER_BYTES:
         raise FormatError(f"header of {len(text)} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
-    prelude = PRELUDE.pack(MAGIC, VERSION, 0, len(text), zlib.crc32(text))
+    packed = zlib.compress(text, 9)
+    flags = 0
+    if len(packed) < len(text):
+        text, flags = packed, FLAG_DEFLATE
+    prelude = PRELUDE.pack(MAGIC, VERSION, flags, len(text), zlib.crc32(text))
     return b"".join([prelude, text] + [data for _, data in sections]), header, len(text)
 
 
@@ -143,6 +148,20 @@ def int_field(obj: dict[str, Any], key: str, where: str, lo: int = 0, hi: int = 
     return _int(obj[key], f"{where}.{key}", lo, hi)
 
 
+def _inflate(raw: bytes, where: str) -> bytes:
+    """The deflated header, inflated with a cap: a small bomb cannot allocate more than the limit."""
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(raw, MAX_HEADER_BYTES + 1)
+    except zlib.error as exc:
+        raise FormatError(f"{where}: deflated header at offset {PRELUDE.size} is corrupt: {exc}") from None
+    if len(out) > MAX_HEADER_BYTES or d.unconsumed_tail:
+        raise FormatError(f"{where}: header inflates past the {MAX_HEADER_BYTES}-byte limit")
+    if not d.eof or d.unused_data:
+        raise FormatError(f"{where}: deflated header at offset {PRELUDE.size} is truncated or has trailing bytes")
+    return out
+
+
 def parse(buf: bytes, where: str) -> tuple[dict[str, Any], list[memoryview]]:
     """Check a whole file and split it into its JSON header and its section views.
 
@@ -156,7 +175,7 @@ def parse(buf: bytes, where: str) -> tuple[dict[str, Any], list[memoryview]]:
         raise FormatError(f"{where}: not an .nsk file (bad magic bytes {magic!r} at offset 0)")
     if version != VERSION:
         raise FormatError(f"{where}: format version {version} at offset 8 is not supported (this reader knows {VERSION})")
-    if flags != 0:
+    if flags & ~FLAG_DEFLATE:
         raise FormatError(f"{where}: unknown flags {flags:#06x} at offset 10")
     if hlen > MAX_HEADER_BYTES:
         raise FormatError(f"{where}: header length {hlen} at offset 12 exceeds the {MAX_HEADER_BYTES}-byte limit")
@@ -165,6 +184,8 @@ def parse(buf: bytes, where: str) -> tuple[dict[str, Any], list[memoryview]]:
     raw = buf[PRELUDE.size : PRELUDE.size + hlen]
     if zlib.crc32(raw) != hcrc:
         raise FormatError(f"{where}: header (offset {PRELUDE.size}, {hlen} bytes) fails its CRC32 check")
+    if flags & FLAG_DEFLATE:
+        raw = _inflate(raw, where)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:

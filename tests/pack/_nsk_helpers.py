@@ -41,8 +41,9 @@ def compressed_model(seed: int = 0, bits: int = 4) -> nn.Module:
 
 def split(blob: bytes) -> tuple[dict, list[bytes]]:
     """Header dict and section bytes of a well-formed file."""
-    _, _, _, hlen, _ = PRELUDE.unpack_from(blob, 0)
-    header = json.loads(blob[PRELUDE.size : PRELUDE.size + hlen])
+    _, _, flags, hlen, _ = PRELUDE.unpack_from(blob, 0)
+    text = blob[PRELUDE.size : PRELUDE.size + hlen]
+    header = json.loads(zlib.decompress(text) if flags & 1 else text)
     base = PRELUDE.size + hlen
     return header, [blob[base + s["offset"] : base + s["offset"] + s["length"]] for s in header["sections"]]
 

@@ -167,3 +167,20 @@ def test_large_sparse_claim_is_refused_before_allocation(tmp_path, packed):
     with pytest.raises(FormatError, match="limit"):
         unpack_to_safetensors(p, tmp_path / "o.safetensors")
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_deflated_header_bomb_and_garbage_are_refused(tmp_path):
+    import struct
+    import zlib
+
+    from netshrink.errors import FormatError
+    from netshrink.pack import load
+    from netshrink.pack._format import MAGIC, MAX_HEADER_BYTES, PRELUDE
+
+    bomb = zlib.compress(b" " * (MAX_HEADER_BYTES + 10), 9)
+    for name, text in [("bomb", bomb), ("garbage", b"\x78\x9c not deflate"), ("cut", bomb[: len(bomb) // 2])]:
+        p = tmp_path / f"{name}.nsk"
+        p.write_bytes(PRELUDE.pack(MAGIC, 1, 1, len(text), zlib.crc32(text)) + text)
+        with pytest.raises(FormatError, match="header"):
+            load(p)
+    assert struct.calcsize("<8sHHII") == PRELUDE.size

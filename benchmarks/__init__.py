@@ -1,0 +1,1 @@
+"""Reproducible benchmarks: ``python -m benchmarks.run [--only SUITE]`` writes benchmarks/results/."""

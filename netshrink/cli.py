@@ -1,0 +1,140 @@
+"""The ``netshrink`` command: run a recipe, inspect, evaluate and unpack .nsk files.
+
+Every bad input ends in one line on stderr (``netshrink: error: ...``) and exit code 2;
+an interrupt ends with exit code 130 and says how to resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .errors import NetshrinkError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, as for any bad input
+        self.exit(EXIT_USAGE, f"netshrink: error: {message}\n")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .recipe import load_recipe
+    from .pipeline import run_recipe
+    from .report import stage_cells, STAGE_COLUMNS, text_table
+    from .run_report import write_run_report
+
+    recipe = load_recipe(args.recipe)
+    out = Path(args.out) if args.out else Path("runs") / Path(args.recipe).stem
+    print(f"recipe {recipe.name}: {len(recipe.expanded())} stages -> {out}", flush=True)
+
+    def on_row(row) -> None:
+        print(f"  done: {row.stage:<18} test error {100 * row.test_error:.2f}%  non-zeros {row.nonzeros:,}  {row.bytes:,} bytes  {row.ratio:.1f}x", flush=True)
+
+    try:
+        result = run_recipe(recipe, out, resume=args.resume, force=args.force, progress=not args.no_progress, on_row=on_row)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished work is kept in {out}; continue with: netshrink run {args.recipe} --out {out} --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    report = write_run_report(result, recipe)
+    print()
+    print(text_table(STAGE_COLUMNS, [stage_cells(r) for r in result.rows]))
+    print(f"\nwrote {result.model_path}, {report}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .pack import read_info
+    from .run_report import info_text
+
+    print(info_text(read_info(args.file)))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from . import metrics
+    from .data import load_dataset
+    from .pack import load
+
+    model = load(args.file)
+    splits = load_dataset(args.data)
+    err = metrics.error_rate(model, splits.test)
+    x, _ = splits.test[0]
+    lat = metrics.latency(model, tuple(x.shape), batch_sizes=tuple(args.batch_sizes), runs=args.runs, threads=args.threads)
+    print(f"{args.file}: test error {100 * err:.2f}% on {len(splits.test):,} {args.data} test images")
+    for bs, st in lat.items():
+        print(f"  latency batch {bs:>4}: median {st.median_ms:.3f} ms  ({st.runs} runs, {st.threads} threads)")
+    return 0
+
+
+def _cmd_unpack(args: argparse.Namespace) -> int:
+    from .pack import unpack_to_safetensors
+
+    unpack_to_safetensors(args.file, args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from ._registry import list_methods
+
+    for info in list_methods():
+        print(f"{info.family:<10} {info.name:<12} {info.summary}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="netshrink", description="Compress and accelerate trained PyTorch networks.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    r = sub.add_parser("run", help="run a YAML recipe end to end")
+    r.add_argument("recipe")
+    r.add_argument("--out", help="output folder (default runs/<recipe name>)")
+    r.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    r.add_argument("--force", action="store_true", help="discard an earlier run in --out and start over")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.set_defaults(fn=_cmd_run)
+
+    i = sub.add_parser("info", help="per-layer breakdown of an .nsk file")
+    i.add_argument("file")
+    i.set_defaults(fn=_cmd_info)
+
+    e = sub.add_parser("eval", help="test error and latency of an .nsk file")
+    e.add_argument("file")
+    e.add_argument("--data", default="mnist")
+    e.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
+    e.add_argument("--runs", type=int, default=30)
+    e.add_argument("--threads", type=int, default=None)
+    e.set_defaults(fn=_cmd_eval)
+
+    u = sub.add_parser("unpack", help="write the decoded weights as safetensors")
+    u.add_argument("file")
+    u.add_argument("-o", "--output", required=True)
+    u.set_defaults(fn=_cmd_unpack)
+
+    m = sub.add_parser("methods", help="list the registered methods")
+    m.set_defaults(fn=_cmd_methods)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except NetshrinkError as err:
+        print(f"netshrink: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

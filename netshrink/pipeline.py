@@ -1,0 +1,253 @@
+"""Running a recipe: baseline -> stages (each optionally fine-tuned) -> measured rows -> packed file.
+
+Every finished step is kept on disk under the output folder, so an interrupted run resumes without
+losing it:
+
+    OUT/run.json                 recipe fingerprint (a resume must match it)
+    OUT/checkpoints/<step>/      the Trainer's per-epoch checkpoints of the step in progress
+    OUT/stages/NN-<method>.nsk   each finished stage, packed, with its measured row in the header
+    OUT/model.nsk                the final packed model
+    OUT/results.json, report.md, *.png
+
+A resumed stage restores the previous stage's file with its masks and codebooks, re-applies the
+stage's method (deterministic), then continues its fine-tuning from the last finished epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import metrics
+from ._fileio import atomic_write_text, cache_root
+from ._registry import handler_for
+from ._state import weight_state
+from ._layers import weight_layers
+from .errors import NetshrinkError
+from .pack import load as load_nsk, pack
+from .pack.stage import CodingChoice
+from .recipe import Recipe, Stage
+from .train import TrainConfig, Trainer
+
+log = logging.getLogger("netshrink.pipeline")
+
+
+@dataclass
+class Row:
+    """One measured line of the stage table."""
+
+    stage: str
+    method: str
+    test_error: float
+    val_error: float
+    params: int
+    nonzeros: int
+    bytes: int
+    ratio: float
+    bits_per_nonzero: float
+    macs_dense: int
+    macs_effective: int
+    coding: str
+    seconds: float
+    file: str | None = None
+
+
+@dataclass
+class RunResult:
+    rows: list[Row]
+    out_dir: Path
+    model_path: Path
+    layer_snapshots: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+
+def _example_input(dataset) -> torch.Tensor:
+    x, _ = dataset[0]
+    return x.unsqueeze(0)
+
+
+def _measure(model: nn.Module, splits, example: torch.Tensor, coding: str, stage: str, method: str, seconds: float, packed: int | None) -> Row:
+    params = metrics.count_params(model)
+    nnz = metrics.count_nonzeros(model)
+    fp32 = metrics.fp32_bytes(model)
+    size = fp32 if packed is None else packed
+    mac = metrics.macs(model, example)
+    return Row(
+        stage=stage,
+        method=method,
+        test_error=metrics.error_rate(model, splits.test),
+        val_error=metrics.error_rate(model, splits.val),
+        params=params,
+        nonzeros=nnz,
+        bytes=size,
+        ratio=fp32 / size,
+        bits_per_nonzero=8.0 * size / max(1, nnz),
+        macs_dense=int(mac.dense),
+        macs_effective=int(mac.effective),
+        coding=coding,
+        seconds=seconds,
+    )
+
+
+def _snapshot(model: nn.Module) -> dict[str, list[float]]:
+    """The non-zero weights of every weight layer (for the before/after sharing histogram)."""
+    out = {}
+    for name, m in weight_layers(model).items():
+        v = weight_state(m).values
+        out[name] = v[v != 0].tolist()
+    return out
+
+
+def baseline_cache_path(recipe: Recipe) -> Path:
+    key = json.dumps(
+        {"model": recipe.model, "args": recipe.model_args, "data": recipe.data, "seed": recipe.seed, "train": _train_key(recipe.train)},
+        sort_keys=True,
+    )
+    import hashlib
+
+    return cache_root() / "baselines" / f"{recipe.model}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+
+
+def _train_key(cfg: TrainConfig) -> dict[str, Any]:
+    d = cfg.to_dict()
+    for k in ("progress", "device", "num_workers"):
+        d.pop(k, None)
+    return d
+
+
+def _with_seed(cfg: TrainConfig, seed: int, progress: bool) -> TrainConfig:
+    """The step's training config with its seed offset by the recipe's (and the step's) seed."""
+    return dataclasses.replace(cfg, seed=cfg.seed + seed, progress=progress and cfg.progress)
+
+
+def train_baseline(recipe: Recipe, model: nn.Module, splits, out_dir: Path, *, resume: bool, progress: bool) -> None:
+    """Train the recipe's baseline, or load it from the cache of trained baselines."""
+    from safetensors.torch import load_file, save_file
+
+    path = baseline_cache_path(recipe)
+    if path.exists():
+        log.info("reusing the cached baseline %s", path)
+        try:
+            state = load_file(str(path))
+            model.load_state_dict(state)
+            return
+        except Exception as err:  # a corrupt cache entry is retrained, not fatal
+            log.warning("cached baseline %s unreadable (%s); training again", path, err)
+    if recipe.train.epochs == 0:
+        return
+    trainer = Trainer(model, _with_seed(recipe.train, recipe.seed, progress))
+    trainer.fit(splits.train, splits.val, checkpoint_dir=out_dir / "checkpoints" / "baseline", resume=resume)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _stage_file(out_dir: Path, i: int, stage: Stage) -> Path:
+    return out_dir / "stages" / f"{i:02d}-{stage.config.method}.nsk"
+
+
+def _check_out_dir(recipe: Recipe, out_dir: Path, resume: bool, force: bool) -> None:
+    run_file = out_dir / "run.json"
+    if run_file.exists():
+        try:
+            old = json.loads(run_file.read_text())
+        except (OSError, ValueError):
+            old = {}
+        if resume:
+            if old.get("fingerprint") != recipe.fingerprint():
+                raise NetshrinkError(f"{out_dir}: holds a run of a different recipe; it cannot be resumed with this one")
+        elif force:
+            for sub in ("stages", "checkpoints"):
+                shutil.rmtree(out_dir / sub, ignore_errors=True)
+        else:
+            raise NetshrinkError(f"{out_dir}: holds an earlier run; pass --resume to continue it or --force to start over")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_file, json.dumps({"recipe": recipe.name, "fingerprint": recipe.fingerprint()}, indent=2))
+    except OSError as err:
+        raise NetshrinkError(f"{out_dir}: cannot write the output folder ({err.strerror or err})") from None
+
+
+def run_recipe(
+    recipe: Recipe,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    on_row: Callable[[Row], None] | None = None,
+) -> RunResult:
+    """Run ``recipe`` end to end into ``out_dir``; see the module docstring for what is written."""
+    from .data import load_dataset
+    from .models import build_model
+
+    out_dir = Path(out_dir)
+    _check_out_dir(recipe, out_dir, resume, force)
+    torch.manual_seed(recipe.seed)
+    splits = load_dataset(recipe.data)
+    model = build_model(recipe.model, **recipe.model_args)
+    example = _example_input(splits.test)
+
+    t0 = time.perf_counter()
+    train_baseline(recipe, model, splits, out_dir, resume=resume, progress=progress)
+    rows = [_measure(model, splits, example, "dense fp32", "baseline", "baseline", time.perf_counter() - t0, None)]
+    if on_row:
+        on_row(rows[-1])
+
+    coding = "fixed"
+    snapshots: dict[str, dict[str, list[float]]] = {}
+    stages = recipe.expanded()
+    last_file: Path | None = None
+    for i, stage in enumerate(stages, start=1):
+        path = _stage_file(out_dir, i, stage)
+        before = _snapshot(model) if stage.config.method == "kmeans" else None
+        done = path.with_suffix(".json")
+        if resume and done.exists() and path.exists():
+            saved = json.loads(done.read_text())
+            coding = saved["coding"]
+            model = load_nsk(path, restore=True)
+            rows.append(Row(**saved["row"]))
+            log.info("stage %d (%s) already done: %s", i, stage.label, path)
+        else:
+            t0 = time.perf_counter()
+            outcome = handler_for(stage.config)(model, stage.config, data=splits)
+            if isinstance(outcome, CodingChoice):
+                coding = outcome.coding
+            if stage.finetune is not None and stage.finetune.epochs > 0:
+                trainer = Trainer(model, _with_seed(stage.finetune, recipe.seed + i, progress))
+                trainer.fit(splits.train, splits.val, checkpoint_dir=out_dir / "checkpoints" / f"stage-{i:02d}", resume=resume)
+            seconds = time.perf_counter() - t0
+            path.parent.mkdir(parents=True, exist_ok=True)
+            packed = pack(model, path, coding=coding)
+            row = _measure(model, splits, example, coding, stage.label, stage.config.method, seconds, packed.total_bytes)
+            row.file = str(path)
+            # the row is written after the packed file: a stage counts as done only when both exist
+            atomic_write_text(done, json.dumps({"coding": coding, "row": dataclasses.asdict(row)}, indent=2))
+            rows.append(row)
+            shutil.rmtree(out_dir / "checkpoints" / f"stage-{i:02d}", ignore_errors=True)
+        if before is not None:
+            snapshots = {"before": before, "after": _snapshot(model)}
+        last_file = path
+        if on_row:
+            on_row(rows[-1])
+
+    model_path = out_dir / "model.nsk"
+    if last_file is None:
+        pack(model, model_path, coding=coding)
+    else:
+        tmp = model_path.with_suffix(f".tmp{os.getpid()}")
+        shutil.copyfile(last_file, tmp)
+        os.replace(tmp, model_path)
+    result = RunResult(rows, out_dir, model_path, snapshots)
+    atomic_write_text(out_dir / "results.json", json.dumps({"recipe": recipe.name, "rows": [dataclasses.asdict(r) for r in rows]}, indent=2))
+    return result
