@@ -27,7 +27,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .recipe import load_recipe
     from .pipeline import run_recipe
     from .report import stage_cells, STAGE_COLUMNS, text_table
-    from .run_report import write_run_report
 
     recipe = load_recipe(args.recipe)
     out = Path(args.out) if args.out else Path("runs") / Path(args.recipe).stem
@@ -41,10 +40,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished work is kept in {out}; continue with: netshrink run {args.recipe} --out {out} --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
-    report = write_run_report(result, recipe)
     print()
     print(text_table(STAGE_COLUMNS, [stage_cells(r) for r in result.rows]))
-    print(f"\nwrote {result.model_path}, {report}")
+    print(f"\nwrote {result.model_path}, {result.report_path}")
     return 0
 
 

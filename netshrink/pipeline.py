@@ -67,7 +67,9 @@ class RunResult:
     rows: list[Row]
     out_dir: Path
     model_path: Path
+    model: nn.Module
     layer_snapshots: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    report_path: Path | None = None
 
 
 def _example_input(dataset) -> torch.Tensor:
@@ -150,6 +152,7 @@ def train_baseline(recipe: Recipe, model: nn.Module, splits, out_dir: Path, *, r
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     os.replace(tmp, path)
+    shutil.rmtree(out_dir / "checkpoints" / "baseline", ignore_errors=True)
 
 
 def _stage_file(out_dir: Path, i: int, stage: Stage) -> Path:
@@ -248,6 +251,9 @@ def run_recipe(
         tmp = model_path.with_suffix(f".tmp{os.getpid()}")
         shutil.copyfile(last_file, tmp)
         os.replace(tmp, model_path)
-    result = RunResult(rows, out_dir, model_path, snapshots)
+    result = RunResult(rows, out_dir, model_path, model, snapshots)
     atomic_write_text(out_dir / "results.json", json.dumps({"recipe": recipe.name, "rows": [dataclasses.asdict(r) for r in rows]}, indent=2))
+    from .run_report import write_run_report
+
+    result.report_path = write_run_report(result, recipe)
     return result
