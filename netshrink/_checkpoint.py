@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._fileio import atomic_write
 from .errors import NetshrinkError
 
 FORMAT = "netshrink.train.checkpoint"
@@ -146,39 +146,8 @@ def build_payload(
 
 def save_atomic(payload: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
     """Write ``payload`` with ``torch.save`` to ``path`` atomically (temp file, fsync, replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(dict(payload), fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # also KeyboardInterrupt: never leave a half-written temp file behind
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    # make the rename itself durable where the platform allows opening a folder
-    flags = getattr(os, "O_DIRECTORY", None)
-    if flags is None:
-        return
-    try:
-        dfd = os.open(folder, os.O_RDONLY | flags)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda fh: torch.save(dict(payload), fh))
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:

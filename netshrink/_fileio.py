@@ -20,15 +20,17 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
     """Call ``write`` on a temporary file beside ``path``, fsync it, then rename it over ``path``.
 
     On any error (or an interrupt) the temporary file is removed and an existing ``path`` is intact.
+    The folder must exist (a caller that wants it made says so).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o777 if path.is_file() else 0o644
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -36,6 +38,21 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
         except FileNotFoundError:
             pass
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable where the platform lets a folder be opened."""
+    try:
+        dfd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

@@ -112,7 +112,9 @@ def verify_sha256(data: bytes, expected: str, what: str) -> None:
         raise DataError(f"checksum mismatch for {what}: expected sha256 {expected}, got {got}")
 
 
-_atomic_write = atomic_write
+def _atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, write)
 
 
 # --------------------------------------------------------------------------- restricted unpickling

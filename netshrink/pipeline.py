@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 
 from . import metrics
-from ._fileio import atomic_write_text, cache_root
+from ._fileio import atomic_write_bytes, atomic_write_text, cache_root
 from ._registry import handler_for
 from ._state import weight_state
 from ._layers import weight_layers
@@ -133,7 +132,7 @@ def _with_seed(cfg: TrainConfig, seed: int, progress: bool) -> TrainConfig:
 
 def train_baseline(recipe: Recipe, model: nn.Module, splits, out_dir: Path, *, resume: bool, progress: bool) -> None:
     """Train the recipe's baseline, or load it from the cache of trained baselines."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     path = baseline_cache_path(recipe)
     if path.exists():
@@ -148,10 +147,11 @@ def train_baseline(recipe: Recipe, model: nn.Module, splits, out_dir: Path, *, r
         return
     trainer = Trainer(model, _with_seed(recipe.train, recipe.seed, progress))
     trainer.fit(splits.train, splits.val, checkpoint_dir=out_dir / "checkpoints" / "baseline", resume=resume)
+    from safetensors.torch import save
+
+    blob = save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, blob)
     shutil.rmtree(out_dir / "checkpoints" / "baseline", ignore_errors=True)
 
 
@@ -248,9 +248,7 @@ def run_recipe(
     if last_file is None:
         pack(model, model_path, coding=coding)
     else:
-        tmp = model_path.with_suffix(f".tmp{os.getpid()}")
-        shutil.copyfile(last_file, tmp)
-        os.replace(tmp, model_path)
+        atomic_write_bytes(model_path, last_file.read_bytes())
     result = RunResult(rows, out_dir, model_path, model, snapshots)
     atomic_write_text(out_dir / "results.json", json.dumps({"recipe": recipe.name, "rows": [dataclasses.asdict(r) for r in rows]}, indent=2))
     from .run_report import write_run_report

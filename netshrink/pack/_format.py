@@ -21,10 +21,10 @@ import json
 import logging
 import os
 import struct
-import tempfile
 import zlib
 from typing import Any, BinaryIO, Callable
 
+from .._fileio import atomic_write as _atomic_write
 from ..errors import FormatError
 
 log = logging.getLogger(__name__)
@@ -67,41 +67,12 @@ def serialize(header: dict[str, Any], sections: list[tuple[str, bytes]]) -> tupl
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
-    """Write through ``write(f)`` to a temporary file beside ``path``, fsync, then ``os.replace``.
-
-    On any error the temporary file is removed and an existing file at ``path`` is left intact; an
-    ``OSError`` becomes a one-line :class:`FormatError` naming ``path``.
-    """
-    target = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(target))
+    """:func:`netshrink._fileio.atomic_write`, with an ``OSError`` turned into a one-line
+    :class:`FormatError` naming ``path`` (an existing file there is left intact)."""
     try:
-        mode = os.stat(target).st_mode & 0o777 if os.path.isfile(target) else 0o644
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=folder)
+        _atomic_write(path, write)
     except OSError as exc:
-        raise FormatError(f"cannot write {target}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise FormatError(f"cannot write {target}: {exc.strerror or exc}") from None
-        raise
-    try:  # make the rename durable; not every platform lets a directory be opened
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        log.debug("could not fsync directory %s", folder)
+        raise FormatError(f"cannot write {os.fspath(path)}: {exc.strerror or exc}") from None
 
 
 def read_file(path: str | os.PathLike) -> bytes:
