@@ -59,7 +59,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .data import load_dataset
     from .pack import load
 
+    from .recipe import check_input
+
     model = load(args.file)
+    check_input(model, args.data, "--data")
     splits = load_dataset(args.data)
     err = metrics.error_rate(model, splits.test)
     x, _ = splits.test[0]

@@ -479,6 +479,9 @@ def list_datasets() -> list[str]:
 
 dataset_names = list_datasets  # the name netshrink.recipe uses
 
+#: input shape (without batch) of the built-in data sets, known without loading them
+INPUT_SHAPES: dict[str, tuple[int, ...]] = {"mnist": (1, 28, 28), "digits": (1, 8, 8)}
+
 
 def load_dataset(name: str, **kwargs: Any) -> Splits:
     """The registered data set ``name`` (``"mnist"``, ``"digits"``) built with ``kwargs``."""
@@ -496,5 +499,5 @@ def load_dataset(name: str, **kwargs: Any) -> Splits:
 __all__ = [
     "Splits", "IdxArrays", "RestrictedUnpickler", "restricted_loads", "load_idx", "mnist_arrays_from_idx",
     "fetch_mnist_pkl_gz", "mnist", "digits", "load_dataset", "register_dataset", "list_datasets", "dataset_names",
-    "resolve_cache_dir", "verify_sha256", "MNIST_SHA256", "MNIST_PACKAGE",
+    "resolve_cache_dir", "verify_sha256", "MNIST_SHA256", "MNIST_PACKAGE", "INPUT_SHAPES",
 ]

@@ -144,11 +144,30 @@ def check_against_model(recipe: Recipe) -> None:
         model = build_model(recipe.model, **recipe.model_args)
     except ConfigError as err:
         raise err.under("model_args") from None
+    check_input(model, recipe.data, "data")
     for i, st in enumerate(recipe.stages):
         try:
             st.config.check_model(model)
         except ConfigError as err:
             raise err.under(f"stages[{i}]") from None
+
+
+def check_input(model, data_name: str, field: str) -> None:
+    """One forward pass on a zero batch of the data set's input shape: a model that cannot take the
+    data fails here, with one line, instead of deep inside training."""
+    import torch
+
+    from .data import INPUT_SHAPES
+
+    shape = INPUT_SHAPES.get(data_name)
+    if shape is None:
+        return
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(2, *shape))
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(field, f"the model does not take {data_name} inputs of shape {shape}: {first}") from None
 
 
 def load_recipe(path: str | Path) -> Recipe:

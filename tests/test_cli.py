@@ -77,3 +77,14 @@ def test_unwritable_unpack_target_is_one_line_and_keeps_what_is_there(tmp_path, 
         assert err.startswith("netshrink: error:") and len(err.splitlines()) == 1 and str(target) in err
     assert a_file.read_text() == "keep me" and (a_dir / "inside").read_text() == "keep me too"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_dir", "m.nsk", "plain.txt"]
+
+
+def test_eval_on_data_the_model_cannot_take(tmp_path, capsys):
+    from netshrink.models import build_model
+    from netshrink.pack import pack
+
+    f = tmp_path / "l5.nsk"
+    pack(build_model("lenet5"), f)
+    assert main(["eval", str(f), "--data", "digits"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("netshrink: error: --data:") and len(err.splitlines()) == 1

@@ -6,7 +6,7 @@ from netshrink.recipe import load_recipe, parse_recipe
 
 GOOD = {
     "model": "lenet_300_100",
-    "data": "digits",
+    "data": "mnist",
     "train": {"epochs": 1},
     "stages": [
         {"method": "magnitude", "sparsity": 0.9, "steps": 2, "finetune": {"epochs": 1, "lr": 0.01}},
@@ -90,3 +90,10 @@ def test_shipped_recipes_are_valid():
         r = load_recipe(p)
         assert r.stages, p
         yaml.safe_load(p.read_text())
+
+
+def test_model_that_cannot_take_the_data_is_caught_before_running():
+    data = {**GOOD, "model": "lenet5", "data": "digits", "stages": []}
+    with pytest.raises(ConfigError) as ei:
+        parse_recipe(data)
+    assert ei.value.field == "data" and "(1, 8, 8)" in str(ei.value)
