@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -29,6 +30,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .report import stage_cells, STAGE_COLUMNS, text_table
 
     recipe = load_recipe(args.recipe)
+    logging.getLogger("netshrink.train").setLevel(logging.INFO)  # a line per epoch where no bar shows
     out = Path(args.out) if args.out else Path("runs") / Path(args.recipe).stem
     print(f"recipe {recipe.name}: {len(recipe.expanded())} stages -> {out}", flush=True)
 
@@ -135,6 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader (| head) went away: not an error of ours
+        sys.stdout = open(os.devnull, "w")
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
