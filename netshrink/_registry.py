@@ -59,7 +59,7 @@ def handler(config_type: type) -> Callable[[Callable[..., Any]], Callable[..., A
 
 def _load_families() -> None:
     # importing the families registers their methods; done lazily, never at package import
-    from . import prune, quantize  # noqa: F401
+    from . import lowrank, prune, quantize  # noqa: F401
     from .pack import stage  # noqa: F401
 
 

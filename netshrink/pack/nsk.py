@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .._modules import apply_edits, check_edits, edits_of
 from .._state import WeightState, effective_tensors, weight_state
 from ..errors import ConfigError, FormatError, ModelError, NetshrinkError
 from ..prune._mask import apply_mask, make_permanent
@@ -189,7 +190,8 @@ def _emit(f: BinaryIO, model: nn.Module, coding: str, metadata: dict[str, Any] |
             parts[pname] = dict(enc.entry["parts"][pname], section=len(sections))
             sections.append((f"{name}/{pname}", data))
         entries.append(dict(enc.entry, parts=parts))
-    header = {"format": FORMAT_NAME, "model": _model_spec(model), "metadata": dict(metadata or {}), "tensors": entries}
+    header = {"format": FORMAT_NAME, "model": _model_spec(model), "edits": edits_of(model),
+              "metadata": dict(metadata or {}), "tensors": entries}
     blob, final, hlen = serialize(header, sections)
     f.write(blob)
     specs = [check_entry(e, "header", len(sections)) for e in entries]
@@ -245,6 +247,7 @@ def _open(path: str | os.PathLike) -> _Opened:
     elif model.get("user_supplied") is not True or not isinstance(model.get("class"), str):
         raise FormatError(f"{where}: header.model must name a zoo model or a user-supplied class")
     hfield(header, "metadata", dict, f"{where}: header")
+    check_edits(header.setdefault("edits", []), f"{where}: header.edits")  # absent in older files
     entries = hfield(header, "tensors", list, f"{where}: header")
     specs = [check_entry(e, f"{where}: header.tensors[{i}]", len(views)) for i, e in enumerate(entries)]
     names, used = set(), []
@@ -318,11 +321,15 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, restore: bo
     Without ``restore`` the model gets plain dense weights (any parametrization on ``model`` is made
     permanent first). With ``restore=True`` the compression structure comes back: ``apply_mask`` for
     sparse weights (mask = stored positions), ``apply_sharing`` for codebook weights, so the model
-    fine-tunes and re-packs exactly as before. Names and shapes are checked before anything is decoded.
+    fine-tunes and re-packs exactly as before. The file's ``edits`` (layers replaced by registered module
+    types, :mod:`netshrink._modules`) are replayed on ``model`` first. Names and shapes are checked
+    before anything is decoded.
     """
     o = _open(path)
     if model is None:
         model = _zoo_model(o.header["model"], o.path)
+    limit = min(_format.MAX_TOTAL_ELEMENTS, (1 << 20) + _format.ELEMENTS_PER_BYTE * o.size)
+    apply_edits(model, o.header["edits"], where=f"{o.path}: header.edits", max_elements=limit)  # replaced modules
     targets = _packable(model)
     stored = {s.name: s for s in o.specs}
     missing = [n for n in targets if n not in stored]

@@ -1,0 +1,214 @@
+"""Replaceable module types: models whose layers were swapped for new module types still pack and load.
+
+A method that replaces a layer (low-rank factorization turns a ``Linear`` into two) builds the new
+module from a class registered here and swaps it in with :func:`replace_module`, which records the
+edit on the root model::
+
+    model.netshrink_edits == [{"path": "fc1", "type": "lowrank_linear", "args": {...}}, ...]
+
+``args`` is what the new module's ``netshrink_args()`` reports: plain JSON, enough to rebuild the
+module (with fresh values) by ``cls(**args)``. The packer stores the edits in the .nsk header;
+:func:`apply_edits` replays them on a freshly built (or user-supplied) model before its tensors are
+filled, so the architecture matches the file. Edits replay in order, so an edit inside a replaced
+module (``fc1.second``) follows the edit that created it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import FormatError, ModelError, NetshrinkError
+
+#: the attribute on the root model that lists its edits
+EDITS_ATTR = "netshrink_edits"
+#: limits checked when edits are read
+MAX_EDITS = 1 << 16
+MAX_PATH_CHARS = 1000
+MAX_TYPE_CHARS = 100
+
+_MODULES: dict[str, type[nn.Module]] = {}
+
+
+def register_module(name: str) -> Callable[[type], type]:
+    """Class decorator: register an ``nn.Module`` class under ``name`` as a replaceable module type.
+
+    The class must define ``netshrink_args(self) -> dict`` returning JSON-able constructor keyword
+    arguments such that ``cls(**args)`` builds a module of the same structure. The class gains the
+    attribute ``netshrink_type = name``.
+    """
+
+    def deco(cls: type) -> type:
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise TypeError(f"register_module({name!r}) needs an nn.Module class, got {cls!r}")
+        if not callable(getattr(cls, "netshrink_args", None)):
+            raise TypeError(f"{cls.__name__} must define netshrink_args() to be registered as {name!r}")
+        if name in _MODULES and _MODULES[name] is not cls:
+            raise RuntimeError(f"module type {name!r} registered twice")
+        cls.netshrink_type = name
+        _MODULES[name] = cls
+        return cls
+
+    return deco
+
+
+def module_types() -> dict[str, type[nn.Module]]:
+    """Every registered module type by name (the families that define them are imported first)."""
+    from ._registry import _load_families
+
+    _load_families()
+    return dict(_MODULES)
+
+
+def module_class(name: str, where: str = "") -> type[nn.Module]:
+    """The class registered as ``name``; a :class:`ModelError` (prefixed by ``where``) if none is."""
+    types = _MODULES if name in _MODULES else module_types()
+    if name not in types:
+        known = ", ".join(sorted(types)) or "none"
+        raise ModelError(f"{where + ': ' if where else ''}unknown module type {name!r} (known: {known})")
+    return types[name]
+
+
+def _prefix(where: str) -> str:
+    return f"{where}: " if where else ""
+
+
+def check_edits(edits: Any, where: str = "edits", error: type[NetshrinkError] = FormatError) -> list[dict[str, Any]]:
+    """``edits`` checked to be a list of ``{"path": str, "type": str, "args": dict}``; else ``error``.
+
+    Paths are dotted (no empty part) and at most :data:`MAX_PATH_CHARS` long; at most
+    :data:`MAX_EDITS` edits. ``args`` must be strict JSON (string keys, no NaN).
+    """
+    if not isinstance(edits, list):
+        raise error(f"{where}: expected a list of edits, got {type(edits).__name__}")
+    if len(edits) > MAX_EDITS:
+        raise error(f"{where}: {len(edits)} edits exceed the limit of {MAX_EDITS}")
+    for i, e in enumerate(edits):
+        at = f"{where}[{i}]"
+        if not isinstance(e, dict) or set(e) != {"path", "type", "args"}:
+            keys = sorted(e) if isinstance(e, dict) else type(e).__name__
+            raise error(f"{at}: expected an object with keys args, path, type; got {keys}")
+        path, kind, args = e["path"], e["type"], e["args"]
+        if not isinstance(path, str) or not 0 < len(path) <= MAX_PATH_CHARS or "" in path.split("."):
+            raise error(f"{at}.path: expected a dotted module path of 1 to {MAX_PATH_CHARS} characters, got {str(path)[:60]!r}")
+        if not isinstance(kind, str) or not 0 < len(kind) <= MAX_TYPE_CHARS:
+            raise error(f"{at}.type: expected a module type name of 1 to {MAX_TYPE_CHARS} characters, got {str(kind)[:60]!r}")
+        if not isinstance(args, dict):
+            raise error(f"{at}.args: expected an object, got {type(args).__name__}")
+        try:
+            json.dumps(args, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise error(f"{at}.args: not JSON-serializable: {exc}") from None
+    return edits
+
+
+def edits_of(model: nn.Module) -> list[dict[str, Any]]:
+    """A copy of ``model``'s recorded edits (``[]`` when none); a malformed list raises :class:`ModelError`."""
+    edits = check_edits(getattr(model, EDITS_ATTR, []), f"model.{EDITS_ATTR}", ModelError)
+    return json.loads(json.dumps(edits))
+
+
+def _record(model: nn.Module, path: str, kind: str, args: dict[str, Any]) -> None:
+    old = edits_of(model)
+    kept = [e for e in old if e["path"] != path and not e["path"].startswith(path + ".")]
+    setattr(model, EDITS_ATTR, kept + [{"path": path, "type": kind, "args": args}])
+
+
+def _args_of(module: nn.Module, where: str) -> dict[str, Any]:
+    args = module.netshrink_args()
+    if not isinstance(args, dict):
+        raise ModelError(f"{_prefix(where)}{type(module).__name__}.netshrink_args() must return a dict, got {args!r}")
+    try:
+        return json.loads(json.dumps(args, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"{_prefix(where)}{type(module).__name__}.netshrink_args() is not JSON-serializable: {exc}") from None
+
+
+def _parent(model: nn.Module, path: str, where: str) -> tuple[nn.Module, str]:
+    if not isinstance(path, str) or not path or "" in path.split("."):
+        raise ModelError(f"{_prefix(where)}bad module path {path!r}")
+    parent_path, _, name = path.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_path)
+    except AttributeError:
+        parent = None
+    if parent is None or name not in parent._modules or parent._modules[name] is None:
+        raise ModelError(f"{_prefix(where)}the model has no submodule {path!r}")
+    return parent, name
+
+
+def replace_module(model: nn.Module, path: str, new_module: nn.Module) -> nn.Module:
+    """Swap the submodule at dotted ``path`` of ``model`` for ``new_module``; return the old one.
+
+    ``new_module`` must be an instance of a class registered with :func:`register_module`. The edit
+    is recorded in ``model.netshrink_edits``, replacing an earlier edit of the same path (and the
+    edits inside it). A bad path raises :class:`ModelError`.
+    """
+    kind = getattr(type(new_module), "netshrink_type", None)
+    if kind is None or _MODULES.get(kind) is not type(new_module):
+        raise ModelError(f"{type(new_module).__name__} is not a registered module type (use @register_module)")
+    args = _args_of(new_module, path)
+    parent, name = _parent(model, path, "")
+    old = parent._modules[name]
+    setattr(parent, name, new_module)
+    _record(model, path, kind, args)
+    return old
+
+
+def _build(cls: type[nn.Module], args: dict[str, Any], where: str) -> nn.Module:
+    try:
+        return cls(**args)
+    except NetshrinkError as exc:
+        raise ModelError(f"{where}: {exc}") from None
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise ModelError(f"{where}: cannot build {cls.__name__} from {json.dumps(args)[:200]}: {exc}") from None
+
+
+def _numel(module: nn.Module) -> int:
+    return sum(t.numel() for t in module.parameters()) + sum(t.numel() for t in module.buffers())
+
+
+def apply_edits(model: nn.Module, edits: Any, *, where: str = "edits", max_elements: int | None = None) -> nn.Module:
+    """Replay ``edits`` (a list as :func:`replace_module` records it) on ``model`` in place; return it.
+
+    Each edit builds its registered type from ``args`` (on the device and in the floating dtype of the
+    module it replaces) and swaps it in; replaying a model's own edits rebuilds the same structure
+    (with fresh values, to be filled by the caller). With ``max_elements``, a new
+    module is first built on the meta device, and the edits are refused once the new modules would
+    hold more elements in all.
+    An unknown type, a bad path or args the type rejects raise one-line :class:`ModelError`.
+    """
+    check_edits(edits, where, ModelError)
+    total = 0
+    for i, e in enumerate(edits):
+        at = f"{where}[{i}] ({e['path']})"
+        cls = module_class(e["type"], at)
+        parent, name = _parent(model, e["path"], at)
+        current = parent._modules[name]
+        if max_elements is not None:
+            with torch.device("meta"):
+                total += _numel(_build(cls, e["args"], at))
+            if total > max_elements:
+                raise ModelError(f"{at}: the replaced modules' {total} elements exceed the limit of {max_elements}")
+        new = _build(cls, e["args"], at)
+        ref = next(iter(list(current.parameters()) + list(current.buffers())), None)
+        if ref is not None:
+            new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+        replace_module(model, e["path"], new)
+    return model
+
+
+__all__ = [
+    "EDITS_ATTR",
+    "apply_edits",
+    "check_edits",
+    "edits_of",
+    "module_class",
+    "module_types",
+    "register_module",
+    "replace_module",
+]
