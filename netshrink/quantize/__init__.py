@@ -1,4 +1,4 @@
-"""Quantization: weight sharing and the ``quantize_`` entry point."""
+"""Quantization: weight sharing, uniform int-k PTQ/QAT, fixed point, binary/ternary, and the ``quantize_`` entry point."""
 
 from __future__ import annotations
 
@@ -9,7 +9,36 @@ from torch import nn
 from .._registry import handler_for
 from ..config import BaseConfig
 from ._sharing import SharedWeights, apply_sharing, get_sharing
+from .affine import (
+    QuantParams,
+    choose_qparams,
+    dequantize,
+    fake_quantize,
+    stochastic_round,
+)
+from .affine import quantize as quantize_tensor
+from .binary import BinaryConfig, LowBitResult, TernaryConfig, binarize, ternarize
+from .fake import ActFakeQuant, WeightFakeQuant
+from .fixed_point import FixedPointConfig, FixedPointResult, fixed_point_step_, to_fixed
 from .kmeans import Codebook, KMeansConfig, ShareResult, kmeans_1d
+from .observers import (
+    MinMaxObserver,
+    MSEObserver,
+    PercentileObserver,
+    ValueRange,
+    make_observer,
+    minmax_range,
+    mse_range,
+    percentile_range,
+)
+from .ptq import (
+    Int8Config,
+    QATConfig,
+    UniformConfig,
+    UniformResult,
+    bias_correct_,
+    calibrate_,
+)
 
 
 def quantize_(model: nn.Module, config: BaseConfig, data: Any = None) -> Any:
@@ -19,3 +48,36 @@ def quantize_(model: nn.Module, config: BaseConfig, data: Any = None) -> Any:
 
 
 __all__ = ["quantize_", "KMeansConfig", "ShareResult", "Codebook", "kmeans_1d", "SharedWeights", "apply_sharing", "get_sharing"]
+__all__ += [
+    "ActFakeQuant",
+    "BinaryConfig",
+    "FixedPointConfig",
+    "FixedPointResult",
+    "Int8Config",
+    "LowBitResult",
+    "MSEObserver",
+    "MinMaxObserver",
+    "PercentileObserver",
+    "QATConfig",
+    "QuantParams",
+    "TernaryConfig",
+    "UniformConfig",
+    "UniformResult",
+    "ValueRange",
+    "WeightFakeQuant",
+    "bias_correct_",
+    "binarize",
+    "calibrate_",
+    "choose_qparams",
+    "dequantize",
+    "fake_quantize",
+    "fixed_point_step_",
+    "make_observer",
+    "minmax_range",
+    "mse_range",
+    "percentile_range",
+    "quantize_tensor",
+    "stochastic_round",
+    "ternarize",
+    "to_fixed",
+]

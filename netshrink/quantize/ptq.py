@@ -1,0 +1,284 @@
+"""Uniform integer quantization of weights and activations: post-training (PTQ) and quantization-aware
+training (QAT), dispatched by ``quantize_``.
+
+PTQ (``UniformConfig``, method ``"uniform"``; ``Int8Config``, ``"int8"``; Jacob et al., CVPR 2018;
+Krishnamoorthi, "Quantizing deep convolutional networks for efficient inference", 2018):
+
+1. each chosen Linear/Conv weight gets a :class:`~netshrink.quantize.fake.WeightFakeQuant`, its range
+   chosen by the weight observer (per output channel or per tensor, symmetric or not);
+2. with ``activations``, each chosen layer's input gets an
+   :class:`~netshrink.quantize.fake.ActFakeQuant`, calibrated by running the calibration data through
+   the model (weights already quantized);
+3. with ``bias_correction``, layer by layer in definition order, the bias absorbs the mean output error
+   on the calibration data (Nagel et al., "Data-Free Quantization Through Weight Equalization and Bias
+   Correction", ICCV 2019, §4.2, empirical variant):
+   ``b <- b + E[y_float] - E[y_quant]`` per output channel, where ``y = W x + b`` is the layer's output
+   in the float model and ``ŷ = Ŵ x̃ + b`` in the quantized one (``x̃`` its input there, after the
+   layers before it are quantized and corrected) -- for the first layer ``E[Wx] - E[Ŵx]``.
+
+QAT (``QATConfig``, ``"qat"``; Jacob et al. 2018 §3): the same modules, with weight ranges re-observed
+at every training step and activation ranges tracked by an exponential moving average; ``quantize_``
+prepares the model, then the :class:`~netshrink.train.Trainer` (or a recipe's ``finetune``) trains it,
+the straight-through estimator carrying the gradient to the float weights.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._layers import per_layer
+from .._registry import handler, register
+from ..config import BaseConfig, check_range
+from ..errors import ConfigError, DataError
+from ..metrics import sqnr_db
+from ._common import (
+    add_weight_quantizer,
+    calibration_batches,
+    check_not_quantized,
+    log,
+    model_device,
+    select_quantizable,
+)
+from .affine import MAX_BITS, MIN_BITS, QuantParams
+from .fake import ActFakeQuant, WeightFakeQuant, attach_input_quant
+from .observers import ObserverKind, check_percentile
+
+
+@register("uniform", family="quantize")
+@dataclass
+class UniformConfig(BaseConfig):
+    """Uniform affine post-training quantization of weights and activations, 2 to 8 bits (Jacob et al. 2018).
+
+    - ``bits`` / ``layer_bits``: weight bits (globs as keys); ``per_channel``: one scale per output channel;
+      ``symmetric``: signed weights with zero point 0 (else asymmetric, unsigned, with a zero point);
+    - ``observer``: how weight ranges are chosen (``minmax``, ``percentile``, ``mse``);
+    - ``activations``: quantize each chosen layer's input to ``act_bits``, range by ``act_observer``
+      (``act_symmetric`` False: unsigned with a zero point, the usual choice after ReLU);
+    - ``percentile``: of both percentile observers; ``bias_correction``: Nagel et al. 2019;
+    - ``calibration_samples`` examples of the data (drawn with ``seed``), in batches of ``batch_size``.
+    """
+
+    bits: int = 8
+    layer_bits: dict[str, int] = field(default_factory=dict)
+    per_channel: bool = True
+    symmetric: bool = True
+    observer: ObserverKind = "minmax"
+    activations: bool = True
+    act_bits: int = 8
+    act_observer: ObserverKind = "minmax"
+    act_symmetric: bool = False
+    percentile: float = 99.99
+    bias_correction: bool = False
+    calibration_samples: int = 512
+    batch_size: int = 128
+    layers: list[str] | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        check_range("bits", self.bits, MIN_BITS, MAX_BITS)
+        for name, b in self.layer_bits.items():
+            check_range(f"layer_bits.{name}", b, MIN_BITS, MAX_BITS)
+        check_range("act_bits", self.act_bits, MIN_BITS, MAX_BITS)
+        check_percentile(self.percentile)
+        if self.calibration_samples < 1:
+            raise ConfigError("calibration_samples", f"must be at least 1, got {self.calibration_samples}")
+        if self.batch_size < 1:
+            raise ConfigError("batch_size", f"must be at least 1, got {self.batch_size}")
+
+    def check_model(self, model: nn.Module) -> None:
+        per_layer(select_quantizable(model, self.layers, self.method or "uniform"), self.layer_bits, self.bits, "layer_bits")
+
+
+@register("int8", family="quantize")
+@dataclass
+class Int8Config(UniformConfig):
+    """int8 post-training quantization: symmetric per-channel int8 weights, uint8 activations (Jacob et al. 2018)."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.bits != 8 or any(b != 8 for b in self.layer_bits.values()):
+            raise ConfigError("bits", f"int8 quantizes to 8 bits; use method 'uniform' for {self.bits}")
+        if self.act_bits != 8:
+            raise ConfigError("act_bits", f"int8 quantizes activations to 8 bits, got {self.act_bits}")
+
+
+@register("qat", family="quantize")
+@dataclass
+class QATConfig(UniformConfig):
+    """Quantization-aware training: fake-quantized weights and activations trained with the STE (Jacob et al. 2018).
+
+    As :class:`UniformConfig`, plus ``act_ema``: the weight of each training batch in the moving
+    average of activation ranges (0 freezes the calibrated ranges). Calibration data is optional: without
+    it the activation ranges start from the first training batch.
+    """
+
+    bits: int = 4
+    act_ema: float = 0.01
+
+    def validate(self) -> None:
+        super().validate()
+        check_range("act_ema", self.act_ema, 0.0, 1.0)
+        if self.bias_correction:
+            raise ConfigError("bias_correction", "is a post-training method; QAT learns the biases")
+
+
+@dataclass
+class UniformResult:
+    """What uniform quantization did, per quantized layer.
+
+    ``bits``: weight bits; ``weight_sqnr_db``: SQNR of the quantized weight against the float one;
+    ``inputs``: the calibrated input quantizer (absent when activations are off or not yet calibrated);
+    ``bias_shift``: L2 norm of each bias correction.
+    """
+
+    bits: dict[str, int] = field(default_factory=dict)
+    weight_sqnr_db: dict[str, float] = field(default_factory=dict)
+    inputs: dict[str, QuantParams] = field(default_factory=dict)
+    bias_shift: dict[str, float] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def calibrate_(model: nn.Module, quantizers: dict[str, ActFakeQuant], batches: list[torch.Tensor]) -> dict[str, QuantParams]:
+    """Run ``batches`` through ``model`` in eval mode with every quantizer observing; freeze them."""
+    was_training = model.training
+    model.eval()
+    try:
+        for q in quantizers.values():
+            q.start_observing()
+        for x in batches:
+            model(x)
+        return {n: q.finish_observing() for n, q in quantizers.items()}
+    finally:
+        for q in quantizers.values():
+            q.stop_observing()
+        model.train(was_training)
+
+
+def _channel_mean(y: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """Per output channel (last axis for Linear, axis 1 for Conv) the sum of ``y`` over everything else."""
+    axis = -1 if isinstance(layer, nn.Linear) else 1
+    return y.detach().to(torch.float64).movedim(axis, 0).reshape(y.shape[axis], -1).sum(dim=1)
+
+
+@torch.no_grad()
+def _mean_output(model: nn.Module, layer: nn.Module, batches: list[torch.Tensor]) -> torch.Tensor:
+    """``E[y]`` per output channel of ``layer``'s output while ``batches`` run through ``model``.
+
+    A forward hook only measures here; it is removed before this returns."""
+    total: list[torch.Tensor] = []
+    count = [0]
+
+    def grab(_m: nn.Module, _inp: Any, out: torch.Tensor) -> None:
+        total.append(_channel_mean(out, layer))
+        axis = -1 if isinstance(layer, nn.Linear) else 1
+        count[0] += out.numel() // out.shape[axis]
+
+    handle = layer.register_forward_hook(grab)
+    try:
+        for x in batches:
+            model(x)
+    finally:
+        handle.remove()
+    if not total:
+        raise DataError("bias correction: the layer was never called on the calibration data")
+    return torch.stack(total).sum(dim=0) / count[0]
+
+
+@torch.no_grad()
+def bias_correct_(
+    model: nn.Module, reference: nn.Module, layers: dict[str, nn.Module], batches: list[torch.Tensor]
+) -> dict[str, float]:
+    """Nagel et al. 2019 empirical bias correction, in place, layer by layer in the order given:
+    ``b <- b + E[y_reference] - E[y_model]`` over ``batches``. Returns ``||shift||_2`` per layer.
+
+    ``reference`` is the float model (same module names). Layers without a bias are left alone."""
+    ref_modules = dict(reference.named_modules())
+    was = (model.training, reference.training)
+    model.eval()
+    reference.eval()
+    shifts: dict[str, float] = {}
+    try:
+        for name, layer in layers.items():
+            if getattr(layer, "bias", None) is None:
+                continue
+            want = _mean_output(reference, ref_modules[name], batches)
+            got = _mean_output(model, layer, batches)
+            shift = (want - got).to(layer.bias.dtype)
+            layer.bias.add_(shift.to(layer.bias.device))
+            shifts[name] = float(shift.norm())
+    finally:
+        model.train(was[0])
+        reference.train(was[1])
+    return shifts
+
+
+def _prepare(model: nn.Module, config: UniformConfig, data: Any, qat: bool) -> UniformResult:
+    method = config.method or "uniform"
+    layers = select_quantizable(model, config.layers, method)
+    bits = per_layer(layers, config.layer_bits, config.bits, "layer_bits")
+    check_not_quantized(layers)
+    device = model_device(model)
+    needs_data = config.bias_correction or (config.activations and not (qat and data is None and getattr(config, "act_ema", 0) > 0))
+    batches = calibration_batches(data, config.calibration_samples, config.batch_size, config.seed, device) if needs_data else []
+    reference = copy.deepcopy(model) if config.bias_correction else None
+
+    result = UniformResult()
+    for name, layer in layers.items():
+        w = layer.weight.detach().clone()
+        q = WeightFakeQuant(w, bits[name], config.symmetric, config.per_channel, config.observer, config.percentile, dynamic=qat)
+        add_weight_quantizer(layer, q, where=name)
+        result.bits[name] = bits[name]
+        result.weight_sqnr_db[name] = sqnr_db(w, layer.weight.detach())
+
+    if config.activations:
+        ema = config.act_ema if isinstance(config, QATConfig) else 0.0
+        act = {
+            name: ActFakeQuant(config.act_bits, config.act_symmetric, config.act_observer, config.percentile, ema, f"input of layer {name!r}", config.seed)
+            for name in layers
+        }
+        for name, q in act.items():
+            attach_input_quant(layers[name], q.to(device))
+        if batches:
+            result.inputs = calibrate_(model, act, batches)
+
+    if reference is not None:
+        result.bias_shift = bias_correct_(model, reference, layers, batches)
+    log.info("%s: %d layers quantized (%s)", method, len(layers), ", ".join(f"{n}: {b} bits" for n, b in bits.items()))
+    return result
+
+
+@handler(UniformConfig)
+def uniform_quantize(model: nn.Module, config: UniformConfig, data: Any = None) -> UniformResult:
+    """Post-training uniform quantization, in place (see the module docstring). ``data`` (a Dataset,
+    DataLoader, :class:`~netshrink.data.Splits` or input tensor) is needed for activations and bias correction."""
+    return _prepare(model, config, data, qat=False)
+
+
+@handler(Int8Config)
+def int8_quantize(model: nn.Module, config: Int8Config, data: Any = None) -> UniformResult:
+    """:func:`uniform_quantize` at 8 bits."""
+    return _prepare(model, config, data, qat=False)
+
+
+@handler(QATConfig)
+def qat_prepare(model: nn.Module, config: QATConfig, data: Any = None) -> UniformResult:
+    """Insert trainable fake quantizers, in place; then train with :class:`~netshrink.train.Trainer`."""
+    return _prepare(model, config, data, qat=True)
+
+
+__all__ = [
+    "Int8Config",
+    "QATConfig",
+    "UniformConfig",
+    "UniformResult",
+    "bias_correct_",
+    "calibrate_",
+    "int8_quantize",
+    "qat_prepare",
+    "uniform_quantize",
+]
