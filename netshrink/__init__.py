@@ -10,6 +10,7 @@
 
 from ._registry import list_methods
 from .errors import ConfigError, DataError, FormatError, ModelError, NetshrinkError
+from .lowrank import CPConfig, SeparableConfig, SvdConfig, TuckerConfig, factorize_
 from .metrics import count_nonzeros, count_params, error_rate, fp32_bytes, latency, macs, sqnr_db
 from .models import build_model, list_models
 from .pack import load, pack, packed_bytes, read_info, unpack_to_safetensors
@@ -29,6 +30,11 @@ __all__ = [
     "KMeansConfig",
     "HuffmanConfig",
     "make_permanent",
+    "factorize_",
+    "SvdConfig",
+    "TuckerConfig",
+    "CPConfig",
+    "SeparableConfig",
     "Trainer",
     "TrainConfig",
     "pack",
