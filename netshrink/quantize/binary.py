@@ -192,43 +192,43 @@ def _scale_of(values: torch.Tensor, per_channel: bool) -> torch.Tensor:
     return a.reshape(a.shape[0], -1).amax(dim=1) if per_channel else a.max()
 
 
+def _apply_low_bit(model: nn.Module, layers_sel, method: str, make_quantizer, per_channel: bool, clip: bool) -> LowBitResult:
+    """Put ``make_quantizer()`` on each chosen layer's weight and measure what it did."""
+    result = LowBitResult()
+    layers = select_quantizable(model, layers_sel, method)
+    check_not_quantized(layers)
+    for name, layer in layers.items():
+        w = layer.weight.detach().clone()
+        add_weight_quantizer(layer, make_quantizer(), where=name)
+        stored = layer.parametrizations.weight.original
+        if clip and bool((stored.abs() > 1).any()):
+            stored.clamp_(-1.0, 1.0)
+        wq = layer.weight.detach()
+        result.alpha[name] = _scale_of(wq, per_channel)
+        result.weight_sqnr_db[name] = sqnr_db(w, wq)
+        result.zeros[name] = float((wq == 0).float().mean())
+    log.info("%s: %d layers", method, len(result.alpha))
+    return result
+
+
 @handler(BinaryConfig)
 @torch.no_grad()
 def binary_quantize(model: nn.Module, config: BinaryConfig, data=None) -> LowBitResult:
     """Binarize the chosen layers' weights in place (a :class:`BinaryWeightQuant` on each)."""
-    result = LowBitResult()
-    layers = select_quantizable(model, config.layers, "binary")
-    check_not_quantized(layers)
-    for name, layer in layers.items():
-        w = layer.weight.detach().clone()
-        add_weight_quantizer(layer, BinaryWeightQuant(config.stochastic, config.scale, config.per_channel, config.clip), where=name)
-        stored = layer.parametrizations.weight.original
-        if config.clip and bool((stored.abs() > 1).any()):
-            stored.clamp_(-1.0, 1.0)
-        wb = layer.weight.detach()
-        result.alpha[name] = _scale_of(wb, config.per_channel and config.scale)
-        result.weight_sqnr_db[name] = sqnr_db(w, wb)
-        result.zeros[name] = 0.0
-    log.info("binary: %d layers", len(result.alpha))
-    return result
+    return _apply_low_bit(
+        model, config.layers, "binary",
+        lambda: BinaryWeightQuant(config.stochastic, config.scale, config.per_channel, config.clip),
+        config.per_channel and config.scale, config.clip,
+    )
 
 
 @handler(TernaryConfig)
 @torch.no_grad()
 def ternary_quantize(model: nn.Module, config: TernaryConfig, data=None) -> LowBitResult:
     """Ternarize the chosen layers' weights in place (a :class:`TernaryWeightQuant` on each)."""
-    result = LowBitResult()
-    layers = select_quantizable(model, config.layers, "ternary")
-    check_not_quantized(layers)
-    for name, layer in layers.items():
-        w = layer.weight.detach().clone()
-        add_weight_quantizer(layer, TernaryWeightQuant(config.per_channel, config.threshold), where=name)
-        wt = layer.weight.detach()
-        result.alpha[name] = _scale_of(wt, config.per_channel)
-        result.weight_sqnr_db[name] = sqnr_db(w, wt)
-        result.zeros[name] = float((wt == 0).float().mean())
-    log.info("ternary: %d layers", len(result.alpha))
-    return result
+    return _apply_low_bit(
+        model, config.layers, "ternary", lambda: TernaryWeightQuant(config.per_channel, config.threshold), config.per_channel, False
+    )
 
 
 __all__ = [
