@@ -92,6 +92,9 @@ class BaseConfig:
 
     #: the registered method name a recipe uses for this config (``"magnitude"``, ``"kmeans"``)
     method: ClassVar[str] = ""
+    #: True for methods that replace modules (low rank): recipe checks apply them so that later
+    #: stages can name the new layers
+    replaces_modules: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         hints = get_type_hints(type(self))

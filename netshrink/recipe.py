@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from ._registry import config_type
+from ._registry import config_type, handler_for
 from .config import BaseConfig
 from .errors import ConfigError, NetshrinkError
 from .train import TrainConfig
@@ -148,6 +148,8 @@ def check_against_model(recipe: Recipe) -> None:
     for i, st in enumerate(recipe.stages):
         try:
             st.config.check_model(model)
+            if st.config.replaces_modules:  # later stages may name the layers this one creates
+                handler_for(st.config)(model, st.config, data=None)
         except ConfigError as err:
             raise err.under(f"stages[{i}]") from None
 

@@ -97,3 +97,20 @@ def test_model_that_cannot_take_the_data_is_caught_before_running():
     with pytest.raises(ConfigError) as ei:
         parse_recipe(data)
     assert ei.value.field == "data" and "(1, 8, 8)" in str(ei.value)
+
+
+def test_stages_after_a_factorization_can_name_its_new_layers():
+    data = {
+        "model": "lenet_300_100",
+        "data": "mnist",
+        "stages": [
+            {"method": "svd", "layers": ["fc1"], "rank": 20},
+            {"method": "magnitude", "layer_sparsity": {"fc1.first": 0.5, "fc1.second": 0.5}},
+            {"method": "kmeans", "layers": ["fc1.*", "fc2"]},
+        ],
+    }
+    r = parse_recipe(data)
+    assert [s.config.method for s in r.stages] == ["svd", "magnitude", "kmeans"]
+    data["stages"][1]["layer_sparsity"] = {"fc1.third": 0.5}
+    with pytest.raises(ConfigError, match=r"stages\[1\].layer_sparsity.fc1.third"):
+        parse_recipe(data)

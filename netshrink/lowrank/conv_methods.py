@@ -52,6 +52,8 @@ def _shape(conv: nn.Conv2d) -> str:
 class _ConvMethod(BaseConfig):
     """What the three conv configs share: layer choice, per-layer ranks, the replacing loop."""
 
+    replaces_modules: ClassVar[bool] = True
+
     #: the config fields that set a default rank; exactly one is given (or ``layer_rank`` covers every layer)
     rank_fields: ClassVar[tuple[str, ...]] = ("rank",)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -209,6 +209,8 @@ def _linear_reason(module: nn.Module) -> str | None:
 @dataclass
 class SvdConfig(BaseConfig):
     """Low-rank Linear layers W ≈ U V by truncated SVD (Denil et al. 2013; Denton et al. 2014)."""
+
+    replaces_modules: ClassVar[bool] = True
 
     rank: int | None = None
     energy: float | None = None
