@@ -19,3 +19,32 @@ def prune_(model: nn.Module, config: BaseConfig, data: Any = None) -> Any:
 
 
 __all__ = ["prune_", "MagnitudeConfig", "PruneResult", "Mask", "apply_mask", "get_mask", "make_permanent"]
+
+# the pruning criteria of the survey (issue 3): second-order, first-order, trajectory, merging, schedules
+from .hessian import ObdConfig, ObsConfig, hessian_diagonal, obs_prune
+from .merge import MergeConfig, MergeDecision, MergePlan, MergeResult, merge_linear_pair, plan_merges
+from .regularizers import biased_penalty, biased_weight_decay
+from .saliency import KarninConfig, KarninTracker, SkeletonizationConfig, TaylorConfig, skeleton_relevance
+from .schedule import GradualPruner, agp_sparsity
+
+__all__ += [
+    "ObdConfig",
+    "ObsConfig",
+    "hessian_diagonal",
+    "obs_prune",
+    "SkeletonizationConfig",
+    "skeleton_relevance",
+    "KarninConfig",
+    "KarninTracker",
+    "TaylorConfig",
+    "biased_penalty",
+    "biased_weight_decay",
+    "agp_sparsity",
+    "GradualPruner",
+    "MergeConfig",
+    "MergeDecision",
+    "MergePlan",
+    "MergeResult",
+    "plan_merges",
+    "merge_linear_pair",
+]
