@@ -26,19 +26,20 @@ def stream_rows(info: NskInfo) -> list[list[str]]:
             rows.append(
                 [
                     f"{t.name}/{name}",
-                    s.coding,
+                    s.coding if s.block == 1 else f"{s.coding} (blocks of {s.block})",
                     f"{s.count:,}",
                     f"{s.bits_per_symbol:.3f}",
                     f"{s.entropy_per_symbol:.3f}",
                     f"{over:+.2f}%",
                     f"{s.coded_bits:,}",
                     f"{s.entropy_bits:,.0f}",
+                    f"{s.section_bytes:,}",
                 ]
             )
     return rows
 
 
-STREAM_COLUMNS = ("stream", "coding", "symbols", "bits/symbol", "entropy bits/symbol", "over entropy", "coded bits", "entropy bound bits")
+STREAM_COLUMNS = ("stream", "coding", "symbols", "bits/symbol", "entropy bits/symbol", "over entropy", "coded bits", "entropy bound bits", "section bytes")
 
 
 def layer_rows(final: NskInfo, before_huffman: NskInfo | None) -> list[list[str]]:

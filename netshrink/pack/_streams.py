@@ -2,6 +2,15 @@
 
 ``coding="auto"`` codes the stream both ways and keeps the smaller section (ties go to fixed), the
 per-stream choice of Deep Compression's last stage (Han et al., ICLR 2016, §4).
+
+Block Huffman: a Huffman code spends at least one bit per symbol and up to ``p_max + 0.086`` bits over
+the entropy ``H`` (Gallager 1978), which is far over for a skewed stream of few symbols (a bitmap of a
+dense layer, small gaps). Coding ``k`` consecutive symbols as one symbol of the extended alphabet
+brings the bound down to ``H + 1/k`` bits per original symbol (Shannon's source-coding theorem, Cover &
+Thomas §5.4). The Huffman coder tries ``k = 1, 2, ...`` (while ``k * bits <= 32`` and the extended
+alphabet stays small) and keeps the ``k`` whose section, code table included, is smallest. A stream
+of ``n`` symbols is padded with zeros to a multiple of ``k``; the header's ``block`` field holds ``k``
+(absent means 1) and the decoder drops the padding.
 """
 
 from __future__ import annotations
@@ -30,15 +39,68 @@ class CodedStream:
     coded_bits: int
     entropy_bits: float
     data: bytes
+    block: int = 1
 
     def describe(self) -> dict[str, Any]:
-        return {
+        out = {
             "coding": self.coding,
             "bits": self.bits,
             "count": self.count,
             "coded_bits": self.coded_bits,
             "entropy_bits": round(self.entropy_bits, 3),
         }
+        if self.block > 1:
+            out["block"] = self.block
+        return out
+
+
+#: Largest extended alphabet (distinct k-tuples) a block size may need before larger blocks stop
+#: being tried: past it the code table outweighs what the longer blocks save.
+MAX_BLOCK_ALPHABET = 4096
+MAX_BLOCK = 8
+#: A block size is tried only while each distinct block occurs this many times on average: below
+#: that the code table, not the codewords, carries the stream, and its bits/symbol mean nothing.
+MIN_BLOCK_REUSE = 4
+
+
+def max_block(bits: int) -> int:
+    """The largest block size for symbols of ``bits`` bits (a k-tuple must fit in 32 bits)."""
+    return max(1, min(MAX_BLOCK, 32 // bits))
+
+
+def _blocked(sym: np.ndarray, bits: int, k: int) -> np.ndarray:
+    """``sym`` padded with zeros to a multiple of ``k``, each k-tuple packed little-endian in one int."""
+    if k == 1:
+        return sym
+    pad = (-sym.size) % k
+    tup = np.concatenate([sym, np.zeros(pad, dtype=np.int64)]).reshape(-1, k)
+    shifts = np.arange(k, dtype=np.int64) * bits
+    return np.bitwise_or.reduce(np.left_shift(tup, shifts), axis=1) if tup.size else tup.reshape(-1)
+
+
+def _unblocked(values: np.ndarray, bits: int, k: int, count: int) -> np.ndarray:
+    if k == 1:
+        return values
+    shifts = np.arange(k, dtype=np.int64) * bits
+    mask = (1 << bits) - 1
+    return (np.right_shift(values.astype(np.int64)[:, None], shifts) & mask).reshape(-1)[:count]
+
+
+def _best_huffman(sym: np.ndarray, bits: int) -> tuple[huffman.HuffmanStream, bytes, int]:
+    """The block size whose Huffman section is smallest, with its stream and bytes."""
+    best = None
+    for k in range(1, max_block(bits) + 1):
+        values = _blocked(sym, bits, k)
+        if k > 1:
+            distinct = np.unique(values).size
+            if distinct > MAX_BLOCK_ALPHABET or distinct * MIN_BLOCK_REUSE > values.size:
+                break
+        stream = huffman.encode(values)
+        blob = stream.to_bytes()
+        if best is None or len(blob) < len(best[1]):
+            best = (stream, blob, k)
+    assert best is not None
+    return best
 
 
 def code_stream(symbols: np.ndarray, bits: int, coding: str) -> CodedStream:
@@ -50,10 +112,9 @@ def code_stream(symbols: np.ndarray, bits: int, coding: str) -> CodedStream:
     ent = huffman.entropy_bits(sym)
     fixed_len = packed_nbytes(n, bits)
     if coding in ("auto", "huffman"):
-        stream = huffman.encode(sym)
-        blob = stream.to_bytes()
+        stream, blob, k = _best_huffman(sym, bits)
         if coding == "huffman" or len(blob) < fixed_len:
-            return CodedStream("huffman", bits, n, stream.nbits, ent, blob)
+            return CodedStream("huffman", bits, n, stream.nbits, ent, blob, k)
     return CodedStream("fixed", bits, n, n * bits, ent, pack_fixed(sym, bits))
 
 
@@ -72,11 +133,14 @@ def decode_stream(part: dict[str, Any], data: memoryview, where: str, max_bits: 
         return unpack_fixed(data, bits, count)
     if coding != "huffman":
         raise FormatError(f"{where}: unknown coding {coding!r}")
+    k = int_field(part, "block", where, 1, max_block(bits)) if "block" in part else 1
     try:
         stream = huffman.HuffmanStream.from_bytes(data)
-        if stream.count != count:
-            raise FormatError(f"huffman stream holds {stream.count} symbols, header says {count}")
-        out = huffman.decode(stream)
+        if stream.count != -(-count // k):
+            raise FormatError(f"huffman stream holds {stream.count} blocks of {k}, header says {count} symbols")
+        if k > 1 and stream.code.symbols.size and int(stream.code.symbols.max()) >> (k * bits):
+            raise FormatError(f"a block of {k} symbols does not fit in {k * bits} bits")
+        out = _unblocked(huffman.decode(stream), bits, k, count)
     except FormatError as exc:
         raise FormatError(f"{where}: {exc}") from None
     if out.size and int(out.max()) >> bits:

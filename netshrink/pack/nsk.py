@@ -51,6 +51,7 @@ class StreamInfo:
     entropy_bits: float
     section_bytes: int
     bits_per_kept: float
+    block: int = 1
 
     @property
     def bits_per_symbol(self) -> float:
@@ -278,6 +279,7 @@ def _stats(cls: type, header: dict[str, Any], specs: list[TensorSpec], size: int
             if "coding" in desc:
                 streams[pname] = StreamInfo(
                     desc["coding"], desc["bits"], desc["count"], desc["coded_bits"], float(desc["entropy_bits"]), sec["length"], 8.0 * sec["length"] / s.kept if s.kept else 0.0,
+                    int(desc.get("block", 1)),
                 )
         nbytes = sum(x.nbytes for x in secs)
         k = int(s.parts["codebook"]["count"]) if "codebook" in s.parts else None
