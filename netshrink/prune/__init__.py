@@ -48,3 +48,8 @@ __all__ += [
     "plan_merges",
     "merge_linear_pair",
 ]
+
+# the iterative procedure (train → score → delete → fine-tune → repeat) with any criterion
+from .iterative import IterativeConfig, IterativeResult, iterative_prune
+
+__all__ += ["IterativeConfig", "IterativeResult", "iterative_prune"]
