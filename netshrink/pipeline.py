@@ -11,6 +11,12 @@ losing it:
 
 A resumed stage restores the previous stage's file with its masks and codebooks, re-applies the
 stage's method (deterministic), then continues its fine-tuning from the last finished epoch.
+
+A stage whose fine-tuning has a ``distill`` block (or a recipe with a ``distill`` default) fine-tunes
+with :class:`netshrink.distill.finetune.DistillFinetuneLoss`: the teacher is the trained baseline
+(``teacher: baseline``, the default) or a frozen copy of the model just before the stage's method ran
+(``teacher: previous``). A resume rebuilds the same teacher (the cached baseline, or the previous
+stage's packed file), so it continues the same run.
 """
 
 from __future__ import annotations
@@ -155,6 +161,24 @@ def train_baseline(recipe: Recipe, model: nn.Module, splits, out_dir: Path, *, r
     shutil.rmtree(out_dir / "checkpoints" / "baseline", ignore_errors=True)
 
 
+def _finetune(model: nn.Module, stage: Stage, teacher: nn.Module | None, splits, example: torch.Tensor,
+              cfg: TrainConfig, checkpoint_dir: Path, resume: bool) -> None:
+    """Fine-tune after a stage: plain cross-entropy, or distillation from ``teacher``."""
+    if teacher is None:
+        Trainer(model, cfg).fit(splits.train, splits.val, checkpoint_dir=checkpoint_dir, resume=resume)
+        return
+    from .distill.finetune import DistillFinetuneLoss, check_teacher_fits
+
+    check_teacher_fits(teacher, model, example, stage.distill_field)
+    kd = DistillFinetuneLoss(teacher, model, stage.distill)
+    try:
+        Trainer(model, cfg, loss_fn=kd.hard_loss, extra_loss=kd).fit(
+            splits.train, splits.val, checkpoint_dir=checkpoint_dir, resume=resume
+        )
+    finally:
+        kd.close()
+
+
 def _stage_file(out_dir: Path, i: int, stage: Stage) -> Path:
     return out_dir / "stages" / f"{i:02d}-{stage.config.method}.nsk"
 
@@ -207,6 +231,13 @@ def run_recipe(
     if on_row:
         on_row(rows[-1])
 
+    import copy
+
+    from .distill.finetune import freeze_teacher
+
+    baseline_teacher = (
+        freeze_teacher(copy.deepcopy(model)) if any(s.distill is not None and s.distill.teacher == "baseline" for s in recipe.stages) else None
+    )
     coding = "fixed"
     snapshots: dict[str, dict[str, list[float]]] = {}
     stages = recipe.expanded()
@@ -223,12 +254,16 @@ def run_recipe(
             log.info("stage %d (%s) already done: %s", i, stage.label, path)
         else:
             t0 = time.perf_counter()
+            tuned = stage.finetune is not None and stage.finetune.epochs > 0
+            teacher = None
+            if tuned and stage.distill is not None:
+                teacher = baseline_teacher if stage.distill.teacher == "baseline" else freeze_teacher(copy.deepcopy(model))
             outcome = handler_for(stage.config)(model, stage.config, data=splits)
             if isinstance(outcome, CodingChoice):
                 coding = outcome.coding
-            if stage.finetune is not None and stage.finetune.epochs > 0:
-                trainer = Trainer(model, _with_seed(stage.finetune, recipe.seed + i, progress))
-                trainer.fit(splits.train, splits.val, checkpoint_dir=out_dir / "checkpoints" / f"stage-{i:02d}", resume=resume)
+            if tuned:
+                _finetune(model, stage, teacher, splits, example, _with_seed(stage.finetune, recipe.seed + i, progress),
+                          out_dir / "checkpoints" / f"stage-{i:02d}", resume)
             seconds = time.perf_counter() - t0
             path.parent.mkdir(parents=True, exist_ok=True)
             packed = pack(model, path, coding=coding)

@@ -12,6 +12,9 @@ A recipe::
         label: prune            # optional row name in the report
         sparsity: 0.92          # the method's own config fields
         finetune: {epochs: 10, lr: 0.01}   # optional fine-tuning after the stage (TrainConfig)
+    distill: {temperature: 4, alpha: 0.9} # optional: every fine-tuning distils from the model before
+                                          # compression (netshrink.distill.finetune); a stage's own
+                                          # ``finetune.distill`` overrides it, ``distill: null`` turns it off
 
 Every error names its field (``stages[1].bits: must lie in [1, 16], got 20``). Methods resolve only
 through the registry. Layer names are checked against a freshly built model before anything runs.
@@ -32,7 +35,7 @@ from .config import BaseConfig
 from .errors import ConfigError, NetshrinkError
 from .train import TrainConfig
 
-_TOP_KEYS = {"name", "model", "model_args", "data", "seed", "train", "stages"}
+_TOP_KEYS = {"name", "model", "model_args", "data", "seed", "train", "stages", "distill"}
 _STAGE_KEYS = {"method", "label", "finetune"}
 
 
@@ -43,6 +46,10 @@ class Stage:
     label: str
     config: BaseConfig
     finetune: TrainConfig | None = None
+    #: distillation fine-tuning (``finetune.distill``, or the recipe's ``distill`` default); None: plain
+    distill: Any = None
+    #: where ``distill`` was written (for error messages)
+    distill_field: str = ""
 
 
 @dataclass
@@ -67,7 +74,7 @@ class Recipe:
             subs = st.config.substages()
             for k, cfg in enumerate(subs, start=1):
                 label = st.label if len(subs) == 1 else f"{st.label} {k}/{len(subs)}"
-                out.append(Stage(label, cfg, st.finetune))
+                out.append(Stage(label, cfg, st.finetune, st.distill, st.distill_field))
         return out
 
 
@@ -103,6 +110,10 @@ def parse_recipe(data: Any, *, check_model: bool = True) -> Recipe:
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError("seed", f"expected an integer, got {seed!r}")
     train = TrainConfig.from_dict(data.get("train") or {}, where="train")
+    from .distill.finetune import as_finetune_distill
+
+    raw_distill = data.get("distill")
+    default_distill = as_finetune_distill(raw_distill, "distill") if raw_distill is not None else None
     raw_stages = data.get("stages") or []
     if not isinstance(raw_stages, list):
         raise ConfigError("stages", "expected a list of stages")
@@ -119,8 +130,16 @@ def parse_recipe(data: Any, *, check_model: bool = True) -> Recipe:
         if not isinstance(label, str):
             raise ConfigError(f"{where}.label", f"expected a string, got {label!r}")
         ft = raw.get("finetune")
+        distill, distill_field = default_distill, "distill"
+        if isinstance(ft, dict) and "distill" in ft:
+            ft = dict(ft)
+            own = ft.pop("distill")
+            distill_field = f"{where}.finetune.distill"
+            distill = as_finetune_distill(own, distill_field) if own is not None else None
         finetune = TrainConfig.from_dict(ft, where=f"{where}.finetune") if ft is not None else None
-        stages.append(Stage(label, config, finetune))
+        if finetune is None:
+            distill = None
+        stages.append(Stage(label, config, finetune, distill, distill_field if distill is not None else ""))
     recipe = Recipe(
         name=str(data.get("name", model)),
         model=model,
@@ -145,13 +164,22 @@ def check_against_model(recipe: Recipe) -> None:
     except ConfigError as err:
         raise err.under("model_args") from None
     check_input(model, recipe.data, "data")
+    import copy
+
+    baseline = copy.deepcopy(model) if any(st.distill is not None for st in recipe.stages) else None
     for i, st in enumerate(recipe.stages):
+        previous = copy.deepcopy(model) if st.distill is not None and st.distill.teacher == "previous" else None
         try:
             st.config.check_model(model)
             if st.config.replaces_modules:  # later stages may name the layers this one creates
                 handler_for(st.config)(model, st.config, data=None)
         except ConfigError as err:
             raise err.under(f"stages[{i}]") from None
+        if st.distill is not None:  # hint layers: the teacher's before the stage, the student's after it
+            try:
+                st.distill.check_layers(previous if previous is not None else baseline, model)
+            except ConfigError as err:
+                raise err.under(st.distill_field) from None
 
 
 def check_input(model, data_name: str, field: str) -> None:

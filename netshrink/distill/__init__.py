@@ -8,6 +8,7 @@ model compression with MUNGE pseudo-data (Buciluǎ et al. 2006).
 
 from __future__ import annotations
 
+from .finetune import DistillFinetuneLoss, FinetuneDistillConfig, HintPair
 from .hints import (
     FitNetsResult,
     GuidedStudent,
@@ -44,12 +45,15 @@ from .pseudo import (
 
 __all__ = [
     "DistillConfig",
+    "DistillFinetuneLoss",
     "DistillResult",
+    "FinetuneDistillConfig",
     "DistillationLoss",
     "FitNetsResult",
     "GuidedStudent",
     "HintConfig",
     "HintLoss",
+    "HintPair",
     "HintResult",
     "MungeConfig",
     "MungeSample",
