@@ -6,6 +6,13 @@ Encodings (the header entry's ``encoding``) and their parts (one section each):
 * ``sparse``: ``positions`` (gap stream, :mod:`netshrink.pack.sparse`) + ``values`` of the kept entries.
 * ``codebook``: ``codebook`` (fp32 centroids) + ``indices`` (one symbol per weight, dense).
 * ``sparse_codebook``: ``positions`` + ``codebook`` + ``indices`` of the kept entries only.
+* ``affine`` / ``affine_zp``: ``codes`` (a stream of ``q - qmin``, ``bits`` wide, bit-packed or Huffman) +
+  ``scale`` (fp32, one or one per output channel) [+ ``zero_point`` (int32)]; ``w = s (q - z)``
+  (int-k PTQ/QAT, fixed point). The entry's ``quant`` holds ``bits``, ``signed`` and ``axis`` (null or 0).
+* ``binary``: ``signs`` (1 bit per weight) + ``scale``; ``w = s (+1 or -1)``.
+* ``ternary``: ``trits`` (2 bits per weight: bit 1 = sign, bit 0 = non-zero) + ``scale``; ``w = s t``,
+  ``t`` in {+0, +1, -0, -1}, so that even the sign of a zero comes back.
+* ``cast``: ``data`` in float16 or bfloat16 (its part's ``dtype``), decoded to the float32 tensor.
 
 The values, the centroids and the raw bytes are stored bit for bit, and the pruned entries decode to
 ``+0.0`` as the mask parametrization produces them, so the decoded tensor equals the packed one.
@@ -50,7 +57,16 @@ ENCODINGS = {
     "sparse": ("positions", "values"),
     "codebook": ("codebook", "indices"),
     "sparse_codebook": ("positions", "codebook", "indices"),
+    "affine": ("codes", "scale"),
+    "affine_zp": ("codes", "scale", "zero_point"),
+    "binary": ("signs", "scale"),
+    "ternary": ("trits", "scale"),
+    "cast": ("data",),
 }
+_QUANT = ("affine", "affine_zp", "binary", "ternary", "cast")
+_STREAMS = ("positions", "indices", "codes", "signs", "trits")
+#: widest affine code (fixed point up to 24-bit words)
+MAX_CODE_BITS = 24
 MAX_CODEBOOK = 1 << 24
 MAX_DIM = 1 << 40
 
@@ -144,16 +160,27 @@ def _encode_codebook(name: str, t: torch.Tensor, ws: WeightState, coding: str, b
     return Encoded(entry, [("positions", pdata), ("codebook", tensor_bytes(codebook)), ("indices", s.data)])
 
 
-def encode_tensor(name: str, tensor: torch.Tensor, ws: WeightState | None, coding: str) -> Encoded:
+def encode_tensor(name: str, tensor: torch.Tensor, ws: WeightState | None, coding: str, hint: Any = None) -> Encoded:
     """The smallest exact encoding of ``tensor`` given its compression structure ``ws``.
 
     A codebook gives ``codebook``/``sparse_codebook``, a mask gives ``sparse`` (positions from the mask),
     a plain tensor ``raw`` or, when mostly zeros and smaller so, ``sparse`` over its non-zero bit patterns.
     A structure that does not reproduce the tensor exactly falls back to the plain path with a warning.
+    A quantization ``hint`` (:class:`netshrink.quantize._storage.StorageHint`) adds a quantized candidate
+    (:mod:`netshrink.pack._qtensors`), kept when it decodes exactly and is the smallest.
     """
     t = tensor.detach().cpu().contiguous()
     dname = dtype_name(t.dtype, name)
     base = {"name": name, "shape": list(t.shape), "dtype": dname, "nonzeros": int(torch.count_nonzero(t))}
+    if hint is not None:
+        from ._qtensors import encode_quant
+
+        qenc = encode_quant(name, t, hint, coding, base)
+        if qenc is None:
+            log.warning("%s: the %s storage does not reproduce the weight exactly; packing it in float", name, hint.kind)
+        else:
+            other = encode_tensor(name, tensor, ws, coding)
+            return qenc if qenc.nbytes <= other.nbytes else other
     if ws is not None and ws.codebook is not None:
         enc = _encode_codebook(name, t, ws, coding, base)
         if enc is not None:
@@ -187,6 +214,7 @@ class TensorSpec:
     nonzeros: int
     kept: int
     parts: dict[str, dict[str, Any]]
+    quant: dict[str, Any] | None = None
 
     @property
     def numel(self) -> int:
@@ -218,7 +246,7 @@ def check_entry(entry: Any, where: str, n_sections: int) -> TensorSpec:
         pw = f"{where}.parts.{pname}"
         int_field(parts[pname], "section", pw, 0, n_sections - 1)
         int_field(parts[pname], "count", pw)
-        if pname in ("positions", "indices"):
+        if pname in _STREAMS:
             if parts[pname].get("coding") not in ("fixed", "huffman"):
                 raise FormatError(f"{pw}.coding: expected 'fixed' or 'huffman', got {parts[pname].get('coding')!r}")
             int_field(parts[pname], "bits", pw, 1, 64)
@@ -229,9 +257,14 @@ def check_entry(entry: Any, where: str, n_sections: int) -> TensorSpec:
         raise FormatError(f"{where}.dtype: {encoding} needs float32, got {dtype}")
     if encoding == "sparse" and dtype not in _FLOATS:
         raise FormatError(f"{where}.dtype: sparse needs a floating dtype, got {dtype}")
-    if encoding in ("raw", "codebook") and kept != numel:
+    if encoding in ("raw", "codebook") + _QUANT and kept != numel:
         raise FormatError(f"{where}.kept: {encoding} keeps all {numel} entries, header says {kept}")
-    return TensorSpec(name, shape_t, dtype, encoding, masked, nonzeros, kept, parts)
+    quant = None
+    if encoding in _QUANT:
+        from ._qtensors import check_quant
+
+        quant = check_quant(entry, encoding, dtype, shape_t, where)
+    return TensorSpec(name, shape_t, dtype, encoding, masked, nonzeros, kept, parts, quant)
 
 
 @dataclass
@@ -252,6 +285,10 @@ def decode_tensor(spec: TensorSpec, views: list[memoryview], where: str) -> Deco
     def part(p: str) -> tuple[dict[str, Any], memoryview, str]:
         return spec.parts[p], views[spec.parts[p]["section"]], f"{at}, section '{spec.name}/{p}'"
 
+    if spec.encoding in _QUANT:
+        from ._qtensors import decode_quant
+
+        return Decoded(decode_quant(spec, part))
     if spec.encoding == "raw":
         desc, data, w = part("data")
         if desc.get("dtype") != spec.dtype or int_field(desc, "count", w) != numel:

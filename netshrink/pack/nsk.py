@@ -28,6 +28,7 @@ from .._state import WeightState, effective_tensors, weight_state
 from ..errors import ConfigError, FormatError, ModelError, NetshrinkError
 from ..prune._mask import apply_mask, make_permanent
 from ..quantize._sharing import apply_sharing
+from ..quantize._storage import act_quant_specs, apply_act_quant, check_act_quant, storage_hints
 from . import _format
 from ._format import PRELUDE, VERSION, atomic_write, field as hfield, parse, read_file, serialize
 from ._streams import CODINGS
@@ -183,9 +184,10 @@ def _emit(f: BinaryIO, model: nn.Module, coding: str, metadata: dict[str, Any] |
         raise ConfigError("metadata", f"must be a dict, got {type(metadata).__name__}")
     _check_json(metadata, lambda msg: ConfigError("metadata", msg))
     structures = _structures(model)
+    hints = storage_hints(model)
     entries, sections = [], []
     for name, tensor in _packable(model).items():
-        enc = encode_tensor(name, tensor, structures.get(name), coding)
+        enc = encode_tensor(name, tensor, structures.get(name), coding, hints.get(name))
         parts = {}
         for pname, data in enc.parts:
             parts[pname] = dict(enc.entry["parts"][pname], section=len(sections))
@@ -193,6 +195,9 @@ def _emit(f: BinaryIO, model: nn.Module, coding: str, metadata: dict[str, Any] |
         entries.append(dict(enc.entry, parts=parts))
     header = {"format": FORMAT_NAME, "model": _model_spec(model), "edits": edits_of(model),
               "metadata": dict(metadata or {}), "tensors": entries}
+    act = act_quant_specs(model)
+    if act:  # input quantizers to attach again on load (absent when there are none)
+        header["act_quant"] = act
     blob, final, hlen = serialize(header, sections)
     f.write(blob)
     specs = [check_entry(e, "header", len(sections)) for e in entries]
@@ -249,6 +254,7 @@ def _open(path: str | os.PathLike) -> _Opened:
         raise FormatError(f"{where}: header.model must name a zoo model or a user-supplied class")
     hfield(header, "metadata", dict, f"{where}: header")
     check_edits(header.setdefault("edits", []), f"{where}: header.edits")  # absent in older files
+    check_act_quant(header.setdefault("act_quant", []), f"{where}: header.act_quant")
     entries = hfield(header, "tensors", list, f"{where}: header")
     specs = [check_entry(e, f"{where}: header.tensors[{i}]", len(views)) for i, e in enumerate(entries)]
     names, used = set(), []
@@ -332,6 +338,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, restore: bo
         model = _zoo_model(o.header["model"], o.path)
     limit = min(_format.MAX_TOTAL_ELEMENTS, (1 << 20) + _format.ELEMENTS_PER_BYTE * o.size)
     apply_edits(model, o.header["edits"], where=f"{o.path}: header.edits", max_elements=limit)  # replaced modules
+    apply_act_quant(model, o.header["act_quant"], where=f"{o.path}: header.act_quant")  # input quantizers
     targets = _packable(model)
     stored = {s.name: s for s in o.specs}
     missing = [n for n in targets if n not in stored]

@@ -31,6 +31,7 @@ from .observers import (
     mse_range,
     percentile_range,
 )
+from ._storage import CastWeight, HalfConfig
 from .ptq import (
     Int8Config,
     QATConfig,
@@ -51,6 +52,8 @@ __all__ = ["quantize_", "KMeansConfig", "ShareResult", "Codebook", "kmeans_1d", 
 __all__ += [
     "ActFakeQuant",
     "BinaryConfig",
+    "CastWeight",
+    "HalfConfig",
     "FixedPointConfig",
     "FixedPointResult",
     "Int8Config",
