@@ -61,7 +61,7 @@ def _load_families() -> None:
     # importing the families registers their methods; done lazily, never at package import
     from . import lowrank, prune, quantize  # noqa: F401
     from .pack import stage  # noqa: F401
-    from . import matrices  # noqa: F401
+    from . import filters, matrices  # noqa: F401
 
 
 def config_type(name: str, field: str = "method") -> type:
