@@ -53,3 +53,8 @@ __all__ += [
 from .iterative import IterativeConfig, IterativeResult, iterative_prune
 
 __all__ += ["IterativeConfig", "IterativeResult", "iterative_prune"]
+
+# sensitivity analysis and automatic per-layer sparsity under a global budget
+from .sensitivity import Allocation, AutoSparsityConfig, SensitivityCurves, allocate, sensitivity_sweep
+
+__all__ += ["Allocation", "AutoSparsityConfig", "SensitivityCurves", "allocate", "sensitivity_sweep"]

@@ -81,8 +81,11 @@ class IterativeConfig(BaseConfig):
 
     def round_config(self, sparsity: float) -> BaseConfig:
         """The criterion's config for one round, pruning to ``sparsity``."""
+        cls = config_type(self.criterion, field="criterion")
         args = {**self.criterion_args, "sparsity": sparsity, "scope": self.scope, "layers": self.layers}
-        return config_type(self.criterion, field="criterion").from_dict(args, where="criterion_args")
+        if self.scope == "layer" and "scope" not in cls.__dataclass_fields__:
+            del args["scope"]  # a criterion without a scope (auto_sparsity) prunes the layers as it decides
+        return cls.from_dict(args, where="criterion_args")
 
     def targets(self) -> list[float]:
         """The scheduled sparsity of each round; the last equals ``sparsity``."""
