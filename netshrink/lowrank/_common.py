@@ -49,9 +49,9 @@ def check_rank_fields(config: Any, names: Sequence[str]) -> None:
         shown = ", ".join(names)
         raise ConfigError(given[1] if given else names[0], f"give exactly one of {shown}")
     rank = getattr(config, "rank", None)
-    if rank is not None:
+    if rank is not None and not isinstance(rank, str):  # a string names a rule (Tucker's "vbmf")
         check_positive("rank", rank)
-    for key in ("energy", "param_ratio"):
+    for key in ("energy", "param_ratio", "macs_ratio"):
         value = getattr(config, key, None)
         if value is not None:
             check_range(key, value, 0.0, 1.0, lo_open=True)

@@ -10,7 +10,7 @@ a :class:`ConfigError` naming it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -43,6 +43,7 @@ from .conv import (
     tucker2_energy_ranks,
     tucker2_factors,
 )
+from .rank_select import tucker2_macs_ranks, tucker2_vbmf_ranks
 
 
 def _shape(conv: nn.Conv2d) -> str:
@@ -115,12 +116,20 @@ def _check_pair(field_name: str, value: Any) -> None:
 @register("tucker", family="lowrank")
 @dataclass
 class TuckerConfig(_ConvMethod):
-    """Tucker-2 decomposition of Conv2d layers: 1x1, kxk core, 1x1 conv (Kim et al. 2016)."""
+    """Tucker-2 decomposition of Conv2d layers: 1x1, kxk core, 1x1 conv (Kim et al. 2016).
 
-    rank_fields: ClassVar[tuple[str, ...]] = ("rank", "energy")
+    Ranks: ``rank`` (one for both channel modes, ``[r_out, r_in]``, or ``"vbmf"``: EVBMF on the two
+    channel unfoldings, Nakajima et al. 2013, as Kim et al. 2016 do), ``energy`` (HOSVD energy per
+    mode), or ``macs_ratio`` (the largest ranks in the kernel's channel proportion whose MACs per
+    output position are at most that fraction of the dense layer's; see
+    :func:`~netshrink.lowrank.rank_select.tucker2_macs_ranks`).
+    """
 
-    rank: int | list[int] | None = None  # one rank for both channel modes, or [r_out, r_in]
+    rank_fields: ClassVar[tuple[str, ...]] = ("rank", "energy", "macs_ratio")
+
+    rank: int | list[int] | Literal["vbmf"] | None = None  # one rank for both channel modes, or [r_out, r_in]
     energy: float | None = None
+    macs_ratio: float | None = None
     layer_rank: dict[str, int | list[int]] = field(default_factory=dict)
     layers: list[str] | None = None
     seed: int = 0
@@ -135,7 +144,13 @@ class TuckerConfig(_ConvMethod):
             raise ConfigError("n_iter_max", f"must be at least 1, got {self.n_iter_max}")
 
     def layer_rank_for(self, name: str, conv: nn.Conv2d, rank: Any) -> tuple[int, int] | None:
-        if rank is None:
+        if rank is None and self.macs_ratio is not None:
+            pair = tucker2_macs_ranks(tuple(conv.weight.shape), self.macs_ratio)
+            if pair is None:
+                raise ConfigError("macs_ratio", f"a budget of {self.macs_ratio} of the MACs cannot be met for layer "
+                                                f"{name!r} ({_shape(conv)}): even ranks [1, 1] cost more")
+            return pair
+        if rank is None or rank == "vbmf":
             return None
         pair = (rank, rank) if isinstance(rank, int) else tuple(rank)
         full = (conv.out_channels, conv.in_channels)
@@ -144,7 +159,12 @@ class TuckerConfig(_ConvMethod):
         return pair
 
     def decompose(self, conv: nn.Conv2d, rank: Any, seed: int) -> tuple[nn.Module, Any]:
-        ranks = rank if rank is not None else tucker2_energy_ranks(conv.weight, self.energy)
+        if rank is not None:
+            ranks = rank
+        elif self.energy is not None:
+            ranks = tucker2_energy_ranks(conv.weight, self.energy)
+        else:
+            ranks = tucker2_vbmf_ranks(conv.weight)
         factors = tucker2_factors(conv.weight, ranks, seed=seed, n_iter_max=self.n_iter_max)
         return Tucker2Conv(**dict(conv_geometry(conv), rank=list(ranks))), factors
 

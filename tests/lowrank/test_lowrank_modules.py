@@ -62,7 +62,7 @@ def test_replace_module_refuses_bad_paths(path):
 
 def test_replace_module_refuses_unregistered_modules():
     with pytest.raises(ModelError, match="not a registered module type"):
-        replace_module(_model(), "0", nn.Linear(6, 5))
+        replace_module(_model(), "0", type("Unregistered", (nn.Linear,), {})(6, 5))
 
 
 def test_apply_edits_rebuilds_on_the_replaced_modules_device_and_dtype():
