@@ -58,3 +58,8 @@ __all__ += ["IterativeConfig", "IterativeResult", "iterative_prune"]
 from .sensitivity import Allocation, AutoSparsityConfig, SensitivityCurves, allocate, sensitivity_sweep
 
 __all__ += ["Allocation", "AutoSparsityConfig", "SensitivityCurves", "allocate", "sensitivity_sweep"]
+
+# sparse (CSR) execution of highly sparse Linear layers
+from .sparse_exec import SparseLinear, sparsify_linear_
+
+__all__ += ["SparseLinear", "sparsify_linear_"]
