@@ -16,6 +16,20 @@ Reproducibility: ``torch.manual_seed(seed)`` at the start of :meth:`Trainer.fit`
 epoch ``e`` comes from a ``torch.Generator`` seeded from ``(seed, e)`` alone, and a checkpoint stores
 every RNG state, so a resumed run sees the same batches as an uninterrupted one and, on CPU, lands on
 the same weights bit for bit.
+
+Distributed data parallel (DDP): run the same script under ``torchrun --nproc_per_node N`` (and
+``--nnodes``); the Trainer sees ``WORLD_SIZE > 1``, joins the process group (gloo on CPU, NCCL on
+CUDA, one GPU per process from ``LOCAL_RANK``) and wraps the model in
+:class:`~torch.nn.parallel.DistributedDataParallel`. ``batch_size`` stays the *global* batch: it must
+be divisible by the world size ``W``, and rank ``r`` takes positions ``r, r + W, ...`` of each batch
+the single-process run would have drawn (:class:`ShardedBatchSampler`, whose ``set_epoch`` reshuffles
+like :class:`~torch.utils.data.DistributedSampler`'s, but which neither pads nor drops examples).
+Each rank's loss is scaled by ``n_r * W / n`` (``n_r`` its examples of the ``n`` in the global batch)
+so that DDP's gradient average is exactly the single-process batch-mean gradient, the last short
+batch included; the W-process run thus follows the single-process trajectory up to float rounding
+(dropout masks and batch-norm statistics, which are per rank, aside). Training loss and validation
+error are all-reduced over ranks; only rank 0 logs and writes checkpoints; a resume reads the
+checkpoint on every rank, so ``checkpoint_dir`` must be on a file system all nodes see.
 """
 
 from __future__ import annotations
@@ -31,8 +45,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Literal, Mapping, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, Subset
 
 from . import _checkpoint as ckpt
 from ._checkpoint import CheckpointError
@@ -189,9 +204,13 @@ class Trainer:
     """Trains ``model`` with ``config``; the one trainer behind fitting and fine-tuning.
 
     ``loss_fn(logits, y)`` defaults to cross-entropy. ``extra_loss(model, x, y, logits)``, when given,
-    is added to the loss of every batch (the hook for distillation and regularisers). The optimizer
-    gets only the parameters with ``requires_grad``. After :meth:`fit`, ``optimizer``, ``scheduler``
-    and ``device`` are available as attributes and the model stays on ``device``.
+    is added to the loss of every batch (the hook for distillation and regularisers); both are batch
+    means (or batch-independent terms). The optimizer gets only the parameters with
+    ``requires_grad``. After :meth:`fit`, ``optimizer``, ``scheduler`` and ``device`` are available as
+    attributes and the model stays on ``device``.
+
+    ``distributed``: None (default) trains with DDP when a process group is initialised or the
+    environment says ``WORLD_SIZE > 1`` (torchrun); False never does. See the module docstring.
     """
 
     def __init__(
@@ -201,6 +220,7 @@ class Trainer:
         *,
         loss_fn: LossFn | None = None,
         extra_loss: ExtraLoss | None = None,
+        distributed: bool | None = None,
     ):
         if config is None:
             config = TrainConfig()
@@ -215,6 +235,14 @@ class Trainer:
         self.device: torch.device | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.distributed = distributed
+        self.rank, self.world_size = 0, 1
+        self._ddp: nn.Module | None = None
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0 (and in a single-process run): the process that logs and writes."""
+        return self.rank == 0
 
     # -------------------------------------------------------------------------------- building
 
@@ -239,11 +267,7 @@ class Trainer:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
     def _make_sampler(self, dataset: Dataset, epoch: int) -> Sampler[int]:
-        """The sampler of ``epoch``: a random permutation seeded from ``(seed, epoch)``.
-
-        This is where a ``DistributedSampler(dataset, seed=..., shuffle=True)`` with
-        ``set_epoch(epoch)`` will slot in for multi-process training.
-        """
+        """The sampler of ``epoch``: a random permutation seeded from ``(seed, epoch)``."""
         return RandomSampler(dataset, generator=_generator(self.config.seed, epoch))
 
     def _make_loader(self, data: Dataset | DataLoader, epoch: int) -> DataLoader:
@@ -255,6 +279,13 @@ class Trainer:
                 set_epoch(epoch)
             return data
         assert self.device is not None
+        if self.world_size > 1:
+            sampler = ShardedBatchSampler(len(data), self.config.batch_size, self.rank, self.world_size, self.config.seed)
+            sampler.set_epoch(epoch)
+            return DataLoader(
+                data, batch_sampler=sampler, num_workers=self.config.num_workers,
+                pin_memory=self.device.type == "cuda", generator=_generator(self.config.seed, epoch, salt=1),
+            )
         return DataLoader(
             data,
             batch_size=self.config.batch_size,
@@ -285,7 +316,7 @@ class Trainer:
         if resume and checkpoint_dir is None:
             raise CheckpointError("resume=True needs a checkpoint_dir")
         path = ckpt.checkpoint_path(checkpoint_dir) if checkpoint_dir is not None else None
-        self.device = resolve_device(cfg.device)
+        self.device = self._setup_distributed()
         model = self.model.to(self.device)
         was_training = model.training
         torch.manual_seed(cfg.seed)
@@ -297,11 +328,19 @@ class Trainer:
 
         history: list[EpochStats] = []
         start = 0
-        if path is not None and resume and path.exists():
+        exists = self._all_agree_exists(path) if path is not None else False
+        if path is not None and resume and exists:
             start, history = self._resume(path)
-            logger.info("resuming from %s after epoch %d of %d", path, start, cfg.epochs)
-        elif path is not None and path.exists():
+            if self.is_main:
+                logger.info("resuming from %s after epoch %d of %d", path, start, cfg.epochs)
+        elif path is not None and exists and self.is_main:
             logger.warning("%s exists and resume=False: it will be overwritten by this run", path)
+        self._ddp = None
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self._ddp = DistributedDataParallel(model, device_ids=ids)  # broadcasts rank 0's weights
 
         if start >= cfg.epochs:
             return self._result(history, val_data, epochs_run=0, resumed_from=start)
@@ -329,11 +368,74 @@ class Trainer:
         """Top-1 error of the model on ``data`` (:func:`netshrink.metrics.error_rate`)."""
         return error_rate(self.model, data, device=self.device)  # None: the model's own device
 
+    def _val_error(self, data: Any) -> float:
+        """Validation error; with DDP each rank scores every ``W``-th example and the counts are summed."""
+        if self.world_size == 1 or isinstance(data, DataLoader) or not hasattr(data, "__len__"):
+            return error_rate(self.model, data, device=self.device)
+        part = Subset(data, range(self.rank, len(data), self.world_size))
+        wrong = error_rate(self.model, part, device=self.device) * len(part) if len(part) else 0.0
+        counts = torch.tensor([round(wrong), len(part)], dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(counts)
+        return float(counts[0] / counts[1])
+
+    # ---------------------------------------------------------------------------- distributed
+
+    def _setup_distributed(self) -> torch.device:
+        """Join the process group when asked (or told by torchrun's environment); the device to use."""
+        cfg = self.config
+        want = self.distributed
+        if want is None:
+            want = (dist.is_available() and dist.is_initialized()) or int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if not want:
+            self.rank, self.world_size = 0, 1
+            return resolve_device(cfg.device)
+        if not dist.is_available():
+            raise ConfigError("distributed", "torch.distributed is not available in this build of torch")
+        device = resolve_device(cfg.device)
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            if "MASTER_ADDR" not in os.environ and "TORCHELASTIC_RUN_ID" not in os.environ:
+                raise ConfigError("distributed", "no process group and no torchrun environment: launch with torchrun")
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        if cfg.batch_size % self.world_size:
+            raise ConfigError(
+                "batch_size",
+                f"{cfg.batch_size} is not divisible by the world size {self.world_size} (batch_size is the global "
+                "batch; each process takes batch_size / world_size examples per step)",
+            )
+        if self.is_main:
+            logger.info("distributed: %d processes (%s), %d examples per process per step",
+                        self.world_size, dist.get_backend(), cfg.batch_size // self.world_size)
+        return device
+
+    def _comm_device(self) -> torch.device:
+        return self.device if self.device is not None and dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def _all_agree_exists(self, path: os.PathLike[str]) -> bool:
+        here = os.path.exists(path)
+        if self.world_size == 1:
+            return here
+        flags = torch.tensor([float(here), 1.0], device=self._comm_device())
+        dist.all_reduce(flags)
+        if 0 < flags[0] < flags[1]:
+            raise CheckpointError(
+                f"checkpoint {path} is visible on {int(flags[0])} of {self.world_size} processes: "
+                "put checkpoint_dir on a file system every node sees"
+            )
+        return here
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
     def _result(self, history: list[EpochStats], val_data: Any, *, epochs_run: int, resumed_from: int) -> TrainResult:
         if history:
             final = history[-1].val_error
         else:  # epochs == 0: measure the model as it is
-            final = self.evaluate(val_data) if val_data is not None else None
+            final = self._val_error(val_data) if val_data is not None else None
         return TrainResult(list(history), final, epochs_run, len(history), resumed_from)
 
     # ---------------------------------------------------------------------------------- epoch
@@ -344,8 +446,11 @@ class Trainer:
         t0 = time.perf_counter()
         lr = float(self.optimizer.param_groups[0]["lr"])
         loader = self._make_loader(train_data, epoch)
-        bar = _progress_bar(loader, f"epoch {epoch + 1}/{cfg.epochs}") if cfg.progress else None
+        bar = _progress_bar(loader, f"epoch {epoch + 1}/{cfg.epochs}") if cfg.progress and self.is_main else None
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        forward = self._ddp if self._ddp is not None else model
+        shards = getattr(loader, "batch_sampler", None)
+        shards = shards if isinstance(shards, ShardedBatchSampler) else None
 
         model.train()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -354,19 +459,28 @@ class Trainer:
             x, y = _split_batch(batch)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
-            logits = model(x)
+            logits = forward(x)
             loss = self.loss_fn(logits, y)
             if self.extra_loss is not None:
                 loss = loss + self.extra_loss(model, x, y, logits)
-            loss.backward()
+            n = int(y.shape[0]) if y.dim() > 0 else 1
+            if shards is not None:  # DDP averages gradients: weight this rank by its share of the batch
+                n, scale = shards.share(step)
+                (loss * scale).backward()
+            else:
+                loss.backward()
             if cfg.grad_clip is not None:
                 nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             self.optimizer.step()
-            n = int(y.shape[0]) if y.dim() > 0 else 1
             total += loss.detach().to(torch.float64) * n
             count += n
             if bar is not None and step % 10 == 0:
-                bar.set_postfix(loss=f"{float(total) / count:.4f}", refresh=False)
+                bar.set_postfix(loss=f"{float(total) / max(count, 1):.4f}", refresh=False)
+        if self.world_size > 1:
+            sums = torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=self.device)])
+            sums = sums.to(self._comm_device())
+            dist.all_reduce(sums)
+            total, count = sums[0], int(sums[1])
         if count == 0:
             raise DataError("train_data yielded no batch")
         train_loss = float(total) / count
@@ -378,7 +492,7 @@ class Trainer:
                 "lower lr or set grad_clip"
             )
 
-        val_error = error_rate(model, val_data, device=self.device) if val_data is not None else None
+        val_error = self._val_error(val_data) if val_data is not None else None
         self.scheduler.step()
         stats = EpochStats(epoch + 1, train_loss, val_error, lr, time.perf_counter() - t0)
         line = _describe(stats, cfg.epochs)
@@ -386,13 +500,17 @@ class Trainer:
             bar.set_postfix_str(line.split(": ", 1)[1], refresh=True)
             bar.close()
             logger.debug(line)
-        else:
+        elif self.is_main:
             logger.info(line)
         return stats
 
     # ----------------------------------------------------------------------------- checkpoint
 
     def _save(self, path: os.PathLike[str], epochs_done: int, history: list[EpochStats]) -> None:
+        """Rank 0 writes the checkpoint (every rank holds the same state); the others wait for it."""
+        if not self.is_main:
+            self._barrier()
+            return
         assert self.optimizer is not None and self.scheduler is not None
         cfg = self.config
         payload = ckpt.build_payload(
@@ -405,7 +523,10 @@ class Trainer:
             config=cfg.to_dict(),
             fingerprint=cfg.fingerprint(),
         )
-        ckpt.save_atomic(payload, path)
+        try:
+            ckpt.save_atomic(payload, path)
+        finally:
+            self._barrier()
 
     def _resume(self, path: os.PathLike[str]) -> tuple[int, list[EpochStats]]:
         """Load a checkpoint into the model, optimizer, scheduler and RNGs; (epochs done, history)."""
@@ -450,6 +571,42 @@ def _generator(seed: int, epoch: int, salt: int = 0) -> torch.Generator:
     return g
 
 
+class ShardedBatchSampler(Sampler[list[int]]):
+    """Rank ``rank``'s share of the batches a single process would draw, for DDP.
+
+    Epoch ``e`` permutes ``0..n-1`` with the generator seeded from ``(seed, e)`` (the single-process
+    :class:`~torch.utils.data.RandomSampler`'s permutation), cuts it into global batches of
+    ``batch_size`` and gives rank ``r`` the positions ``r, r + W, r + 2W, ...`` of each. Nothing is
+    padded or dropped: a rank with no example in the last short batch gets one example with weight 0,
+    so that every rank runs the same number of steps. :meth:`share` tells the loss scale.
+    """
+
+    def __init__(self, n: int, batch_size: int, rank: int, world_size: int, seed: int):
+        if n <= 0:
+            raise DataError("train_data is empty")
+        self.n, self.batch_size, self.rank, self.world_size, self.seed = n, batch_size, rank, world_size, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def share(self, step: int) -> tuple[int, float]:
+        """``(n_r, n_r * W / n)`` of ``step``: this rank's true example count and its loss scale."""
+        n = min(self.batch_size, self.n - step * self.batch_size)
+        mine = len(range(self.rank, n, self.world_size))
+        return mine, mine * self.world_size / n
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=_generator(self.seed, self.epoch)).tolist()
+        for start in range(0, self.n, self.batch_size):
+            batch = perm[start:start + self.batch_size]
+            mine = batch[self.rank::self.world_size]
+            yield mine if mine else batch[:1]
+
+
 def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
@@ -485,6 +642,7 @@ __all__ = [
     "CheckpointError",
     "DivergenceError",
     "EpochStats",
+    "ShardedBatchSampler",
     "TrainConfig",
     "TrainResult",
     "Trainer",
