@@ -64,8 +64,45 @@ def module_types() -> dict[str, type[nn.Module]]:
     return dict(_MODULES)
 
 
+# Plain torch layers that a structured pruner resizes: recorded as edits by type name and constructor
+# arguments (read from the module), so a physically pruned model rebuilds with the smaller shapes.
+_PLAIN: dict[str, tuple[type[nn.Module], Callable[[Any], dict[str, Any]]]] = {}
+
+
+def _conv_args(m: Any) -> dict[str, Any]:
+    args = {"in_channels": m.in_channels, "out_channels": m.out_channels, "kernel_size": list(m.kernel_size),
+            "stride": list(m.stride), "padding": m.padding if isinstance(m.padding, str) else list(m.padding),
+            "dilation": list(m.dilation), "groups": m.groups, "bias": m.bias is not None, "padding_mode": m.padding_mode}
+    if isinstance(m, nn.modules.conv._ConvTransposeNd):
+        args["output_padding"] = list(m.output_padding)
+    return args
+
+
+def _bn_args(m: Any) -> dict[str, Any]:
+    return {"num_features": m.num_features, "eps": m.eps, "momentum": m.momentum, "affine": m.affine,
+            "track_running_stats": m.track_running_stats}
+
+
+for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+    _PLAIN[f"torch.nn.{_cls.__name__}"] = (_cls, _conv_args)
+for _cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+    _PLAIN[f"torch.nn.{_cls.__name__}"] = (_cls, _bn_args)
+_PLAIN["torch.nn.Linear"] = (nn.Linear, lambda m: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None})
+_PLAIN["torch.nn.LayerNorm"] = (nn.LayerNorm, lambda m: {"normalized_shape": list(m.normalized_shape), "eps": m.eps,
+                                                         "elementwise_affine": m.elementwise_affine, "bias": m.bias is not None})
+_PLAIN["torch.nn.PReLU"] = (nn.PReLU, lambda m: {"num_parameters": m.num_parameters})
+
+
+def _plain_kind(module: nn.Module) -> str | None:
+    """The edit type name of a plain (exactly typed) torch layer that may be recorded, else None."""
+    kind = f"torch.nn.{type(module).__name__}"
+    return kind if kind in _PLAIN and _PLAIN[kind][0] is type(module) else None
+
+
 def module_class(name: str, where: str = "") -> type[nn.Module]:
     """The class registered as ``name``; a :class:`ModelError` (prefixed by ``where``) if none is."""
+    if name in _PLAIN:
+        return _PLAIN[name][0]
     types = _MODULES if name in _MODULES else module_types()
     if name not in types:
         known = ", ".join(sorted(types)) or "none"
@@ -144,14 +181,20 @@ def _parent(model: nn.Module, path: str, where: str) -> tuple[nn.Module, str]:
 def replace_module(model: nn.Module, path: str, new_module: nn.Module) -> nn.Module:
     """Swap the submodule at dotted ``path`` of ``model`` for ``new_module``; return the old one.
 
-    ``new_module`` must be an instance of a class registered with :func:`register_module`. The edit
+    ``new_module`` must be an instance of a class registered with :func:`register_module`, or a plain
+    torch layer that structured pruning resizes (``Conv*d``, ``ConvTranspose*d``, ``Linear``,
+    ``BatchNorm*d``, ``LayerNorm``, ``PReLU``; recorded as ``torch.nn.<Class>``). The edit
     is recorded in ``model.netshrink_edits``, replacing an earlier edit of the same path (and the
     edits inside it). A bad path raises :class:`ModelError`.
     """
     kind = getattr(type(new_module), "netshrink_type", None)
-    if kind is None or _MODULES.get(kind) is not type(new_module):
+    plain = _plain_kind(new_module)
+    if plain is not None:
+        kind, args = plain, json.loads(json.dumps(_PLAIN[plain][1](new_module)))
+    elif kind is None or _MODULES.get(kind) is not type(new_module):
         raise ModelError(f"{type(new_module).__name__} is not a registered module type (use @register_module)")
-    args = _args_of(new_module, path)
+    else:
+        args = _args_of(new_module, path)
     parent, name = _parent(model, path, "")
     old = parent._modules[name]
     setattr(parent, name, new_module)

@@ -15,6 +15,7 @@ import json
 from collections import OrderedDict
 from typing import Any, Callable, Sequence
 
+import torch
 from torch import nn
 
 from .errors import ConfigError
@@ -163,3 +164,187 @@ def mlp(in_features: int = 64, hidden: Sequence[int] = (32,), num_classes: int =
 
 
 __all__ = ["register_model", "build_model", "list_models", "lenet_300_100", "lenet5", "mlp", "LeNet300100", "LeNet5", "MLP"]
+
+
+# ------------------------------------------------------------------ CNNs for structured pruning (issue 3)
+
+
+def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: type[nn.Module] | None = nn.ReLU) -> nn.Sequential:
+    """``conv k x k (no bias, 'same' padding) -> BatchNorm -> act`` as ``conv``, ``bn``, ``act``."""
+    parts: OrderedDict[str, nn.Module] = OrderedDict(
+        conv=nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, bias=False), bn=nn.BatchNorm2d(cout)
+    )
+    if act is not None:
+        parts["act"] = act()
+    return nn.Sequential(parts)
+
+
+class BasicBlock(nn.Module):
+    """Residual block of He et al. 2016: ``relu(bn2(conv2(relu(bn1(conv1 x)))) + shortcut(x))``;
+    the shortcut is a 1x1 conv + BN when the shape changes, else the identity."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = _conv_bn(cin, cout, 1, stride, act=None) if stride != 1 or cin != cout else nn.Identity()
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class Bottleneck(nn.Module):
+    """ResNet-50's bottleneck: 1x1 reduce -> 3x3 -> 1x1 expand (x4), each with BN, plus the shortcut."""
+
+    def __init__(self, cin: int, width: int, stride: int = 1):
+        super().__init__()
+        cout = 4 * width
+        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU()
+        self.shortcut = _conv_bn(cin, cout, 1, stride, act=None) if stride != 1 or cin != cout else nn.Identity()
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """A ResNet (He et al., CVPR 2016): stem conv-BN-ReLU, stages of residual blocks, global average
+    pooling, one linear classifier. ``block`` is ``"basic"`` or ``"bottleneck"``; ``stem_pool`` adds
+    ImageNet's 7x7/2 stem and 3x3/2 max-pool (else a 3x3/1 stem conv for small images)."""
+
+    def __init__(self, block: str, widths: Sequence[int], depths: Sequence[int], in_channels: int, num_classes: int, stem_pool: bool):
+        super().__init__()
+        stem_width = widths[0] if block == "basic" else 64
+        if stem_pool:
+            self.stem = nn.Sequential(_conv_bn(in_channels, stem_width, 7, 2), nn.MaxPool2d(3, 2, 1))
+        else:
+            self.stem = _conv_bn(in_channels, stem_width, 3)
+        stages, cin = [], stem_width
+        for i, (w, d) in enumerate(zip(widths, depths)):
+            blocks = []
+            for j in range(d):
+                stride = 2 if (i > 0 and j == 0) else 1
+                blocks.append(BasicBlock(cin, w, stride) if block == "basic" else Bottleneck(cin, w, stride))
+                cin = w if block == "basic" else 4 * w
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.flatten(self.pool(self.stages(self.stem(x)))))
+
+
+class VGGNet(nn.Sequential):
+    """A VGG-style CNN (Simonyan & Zisserman 2015): per stage two 3x3 conv-BN-ReLU then a 2x2
+    max-pool; the feature map is flattened into a two-layer classifier (so flatten -> linear couples
+    each channel to a block of ``side*side`` features)."""
+
+    def __init__(self, in_channels: int, widths: Sequence[int], hidden: int, num_classes: int, input_size: int):
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        cin, side = in_channels, input_size
+        for i, w in enumerate(widths, start=1):
+            layers[f"block{i}"] = nn.Sequential(_conv_bn(cin, w, 3), _conv_bn(w, w, 3))
+            layers[f"pool{i}"] = nn.MaxPool2d(2)
+            cin, side = w, side // 2
+        if side < 1:
+            raise ConfigError("model.args.input_size", f"vgg_small with {len(widths)} stages needs inputs of at least {2 ** len(widths)} pixels")
+        layers["flatten"] = nn.Flatten(1)
+        layers["fc1"] = nn.Linear(cin * side * side, hidden)
+        layers["relu"] = nn.ReLU()
+        layers["fc2"] = nn.Linear(hidden, num_classes)
+        super().__init__(layers)
+
+
+class MobileNetSmall(nn.Sequential):
+    """A MobileNet-style CNN (Howard et al. 2017): a 3x3 stem, then depthwise-separable blocks —
+    depthwise 3x3 conv-BN-ReLU6 (``groups = channels``) followed by pointwise 1x1 conv-BN-ReLU6 —
+    global average pooling and a linear classifier."""
+
+    def __init__(self, in_channels: int, widths: Sequence[int], strides: Sequence[int], num_classes: int):
+        layers: OrderedDict[str, nn.Module] = OrderedDict(stem=_conv_bn(in_channels, widths[0], 3, 1, act=nn.ReLU6))
+        cin = widths[0]
+        for i, (w, s) in enumerate(zip(widths[1:], strides), start=1):
+            layers[f"block{i}"] = nn.Sequential(
+                OrderedDict(dw=_conv_bn(cin, cin, 3, s, groups=cin, act=nn.ReLU6), pw=_conv_bn(cin, w, 1, act=nn.ReLU6))
+            )
+            cin = w
+        layers["pool"] = nn.AdaptiveAvgPool2d(1)
+        layers["flatten"] = nn.Flatten(1)
+        layers["fc"] = nn.Linear(cin, num_classes)
+        super().__init__(layers)
+
+
+class ConcatMLP(nn.Module):
+    """An MLP with a skip concatenation: ``h1 = relu(fc1 x)``, ``h2 = relu(fc2 h1)``,
+    ``logits = fc3(cat[h1, h2])`` (DenseNet-style reuse of the first hidden layer)."""
+
+    def __init__(self, in_features: int, hidden: Sequence[int], num_classes: int):
+        super().__init__()
+        self.flatten = nn.Flatten(1)
+        self.fc1 = nn.Linear(in_features, hidden[0])
+        self.fc2 = nn.Linear(hidden[0], hidden[1])
+        self.fc3 = nn.Linear(hidden[0] + hidden[1], num_classes)
+
+    def forward(self, x):
+        h1 = torch.relu(self.fc1(self.flatten(x)))
+        h2 = torch.relu(self.fc2(h1))
+        return self.fc3(torch.cat([h1, h2], dim=1))
+
+
+def _widths(field: str, value: Any, n: int | None = None) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
+        raise ConfigError(f"model.args.{field}", f"must be a non-empty list of positive integers, got {value!r}")
+    if n is not None and len(value) != n:
+        raise ConfigError(f"model.args.{field}", f"must have {n} entries, got {len(value)}")
+    return tuple(_positive(f"{field}[{i}]", v) for i, v in enumerate(value))
+
+
+@register_model("resnet_small")
+def resnet_small(in_channels: int = 1, num_classes: int = 10, widths: Sequence[int] = (16, 32, 64), depths: Sequence[int] = (1, 1, 1)) -> nn.Module:
+    """A small ResNet with BatchNorm for 28x28 / 32x32 inputs (basic blocks; 3 stages by default,
+    77,754 parameters); layers ``stem.conv``, ``stages.0.0.conv1``, ..., ``fc``. See :class:`ResNet`."""
+    w = _widths("widths", widths)
+    d = _widths("depths", depths, len(w))
+    return ResNet("basic", w, d, _positive("in_channels", in_channels), _positive("num_classes", num_classes), stem_pool=False)
+
+
+@register_model("resnet50")
+def resnet50(in_channels: int = 3, num_classes: int = 1000) -> nn.Module:
+    """A ResNet-50-sized network (bottleneck blocks 3-4-6-3, 25.56M parameters, ImageNet stem) with
+    random weights, for scale tests of the dependency graph and the slicers. See :class:`ResNet`."""
+    return ResNet("bottleneck", (64, 128, 256, 512), (3, 4, 6, 3), _positive("in_channels", in_channels), _positive("num_classes", num_classes), stem_pool=True)
+
+
+@register_model("vgg_small")
+def vgg_small(in_channels: int = 1, num_classes: int = 10, widths: Sequence[int] = (16, 32, 64), hidden: int = 128, input_size: int = 28) -> nn.Module:
+    """A VGG-style CNN with BatchNorm (for 28x28: 64x3x3 features -> 128 -> 10); see :class:`VGGNet`."""
+    return VGGNet(_positive("in_channels", in_channels), _widths("widths", widths), _positive("hidden", hidden),
+                  _positive("num_classes", num_classes), _positive("input_size", input_size))
+
+
+@register_model("mobilenet_small")
+def mobilenet_small(in_channels: int = 1, num_classes: int = 10, widths: Sequence[int] = (16, 32, 64, 64), strides: Sequence[int] = (2, 2, 1)) -> nn.Module:
+    """A MobileNet-style CNN with depthwise-separable blocks; see :class:`MobileNetSmall`."""
+    w = _widths("widths", widths)
+    if len(w) < 2:
+        raise ConfigError("model.args.widths", "needs at least two widths (stem and one block)")
+    return MobileNetSmall(_positive("in_channels", in_channels), w, _widths("strides", strides, len(w) - 1), _positive("num_classes", num_classes))
+
+
+@register_model("mlp_concat")
+def mlp_concat(in_features: int = 784, hidden: Sequence[int] = (256, 128), num_classes: int = 10) -> nn.Module:
+    """An MLP with a skip concatenation (fc3 sees ``cat[h1, h2]``); see :class:`ConcatMLP`."""
+    return ConcatMLP(_positive("in_features", in_features), _widths("hidden", hidden, 2), _positive("num_classes", num_classes))
+
+
+__all__ += ["resnet_small", "resnet50", "vgg_small", "mobilenet_small", "mlp_concat", "ResNet", "BasicBlock", "Bottleneck",
+            "VGGNet", "MobileNetSmall", "ConcatMLP"]

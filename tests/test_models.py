@@ -112,3 +112,48 @@ def test_registry_lists_and_extends(monkeypatch):
     assert m.netshrink_spec == {"zoo": "tiny", "args": {"width": 5}} and m[1].out_features == 5
     with pytest.raises(ConfigError, match="already registered"):
         register_model("tiny")(lambda: nn.Identity())
+
+
+# ------------------------------------------------------------- CNNs for structured pruning (issue 3)
+
+
+@pytest.mark.parametrize(
+    "name,params",
+    [("resnet_small", 77_754), ("vgg_small", 147_162), ("mobilenet_small", 9_034), ("mlp_concat", 237_706)],
+)
+def test_structured_zoo_models_shapes_and_parameter_counts(name, params):
+    m = build_model(name).eval()
+    assert n_params(m) == params
+    assert m(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert m.netshrink_spec["zoo"] == name and json.dumps(m.netshrink_spec)
+
+
+def test_resnet_small_has_batchnorm_and_projection_shortcuts():
+    m = build_model("resnet_small")
+    assert sum(isinstance(x, nn.BatchNorm2d) for x in m.modules()) == 1 + 3 * 2 + 2  # stem, 2 per block, 2 projections
+    assert isinstance(m.stages[0][0].shortcut, nn.Identity) and isinstance(m.stages[1][0].shortcut, nn.Sequential)
+
+
+def test_mobilenet_small_blocks_are_depthwise_separable():
+    m = build_model("mobilenet_small")
+    dw, pw = m.block1.dw.conv, m.block1.pw.conv
+    assert dw.groups == dw.in_channels == dw.out_channels == 16 and pw.kernel_size == (1, 1) and pw.groups == 1
+
+
+def test_mlp_concat_feeds_both_hidden_layers_to_the_classifier():
+    m = build_model("mlp_concat", in_features=64, hidden=[8, 4], num_classes=3)
+    assert m.fc3.in_features == 12 and m(torch.randn(2, 64)).shape == (2, 3)
+
+
+def test_resnet50_is_resnet50_sized():
+    with torch.device("meta"):
+        m = models.resnet50()
+    assert n_params(m) == 25_557_032  # torchvision's ResNet-50 has the same count
+    assert [len(s) for s in m.stages] == [3, 4, 6, 3]
+
+
+@pytest.mark.parametrize("name,args,field", [("vgg_small", {"input_size": 4}, "input_size"), ("resnet_small", {"depths": [1, 1]}, "depths"),
+                                             ("mobilenet_small", {"widths": [8]}, "widths"), ("mlp_concat", {"hidden": [8]}, "hidden")])
+def test_structured_zoo_bad_arguments(name, args, field):
+    with pytest.raises(ConfigError, match=field):
+        build_model(name, **args)

@@ -63,3 +63,8 @@ __all__ += ["Allocation", "AutoSparsityConfig", "SensitivityCurves", "allocate",
 from .sparse_exec import SparseLinear, sparsify_linear_
 
 __all__ += ["SparseLinear", "sparsify_linear_"]
+
+# structured pruning: torch.fx channel dependency graph, L1 / BN-scale / Taylor, physical removal
+from .structured import ChannelConfig, ChannelResult, DependencyGraph, structured_prune_
+
+__all__ += ["ChannelConfig", "ChannelResult", "DependencyGraph", "structured_prune_"]

@@ -1,0 +1,224 @@
+"""Structured (channel) pruning that returns a smaller plain model: ``prune_(model, ChannelConfig(...))``.
+
+The dependency graph (:mod:`.graph`) groups coupled channels; a criterion scores each class of
+coupled channels; in every group the ``ratio`` lowest-scored classes are removed, and the layers are
+physically sliced (:mod:`.slicing`). Criteria, each summed over every layer that produces the
+class's channels:
+
+- ``l1``: the L1 norm of the filter, ``s_c = Σ_l ‖W_l[c]‖₁`` (Li, Kadav, Durdanovic, Samet & Graf,
+  "Pruning Filters for Efficient ConvNets", ICLR 2017);
+- ``bn_scale``: the BatchNorm scaling factor, ``s_c = Σ_l |γ_l[c]|`` (Liu, Li, Shen, Huang, Yan &
+  Zhang, "Learning Efficient Convolutional Networks through Network Slimming", ICCV 2017); a group
+  with no BatchNorm falls back to ``l1`` (logged);
+- ``taylor``: the first-order Taylor estimate of the loss change when the channel is removed,
+  ``s_c = mean_batches (Σ_{k∈c} g_k w_k)²`` over the weights, biases and BN scales/shifts of the
+  channel (Molchanov, Mallya, Tyree, Frosio & Kautz, "Importance Estimation for Neural Network
+  Pruning", CVPR 2019).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..._registry import handler, register
+from ...config import BaseConfig, check_range
+from ...errors import ConfigError
+from .._criteria import at_least, device_of, eval_mode, iter_batches, loss_fn
+from .graph import DependencyGraph
+from .slicing import remove_channels, zero_channels
+
+log = logging.getLogger(__name__)
+
+Criterion = Literal["l1", "bn_scale", "taylor"]
+
+
+@register("channel", family="prune")
+@dataclass
+class ChannelConfig(BaseConfig):
+    """Structured channel pruning: remove whole filters/channels/neurons and shrink the layers (L1, BN scale or Taylor)."""
+
+    ratio: float = 0.5
+    criterion: Criterion = "l1"
+    layer_ratio: dict[str, float] = field(default_factory=dict)
+    layers: list[str] | None = None
+    input_shape: list[int] | None = None
+    batches: int = 4
+    batch_size: int = 64
+    seed: int = 0
+    strict: bool = False
+    approximate_layernorm: bool = False
+    mode: Literal["remove", "zero"] = "remove"
+
+    def validate(self) -> None:
+        check_range("ratio", self.ratio, 0.0, 1.0, hi_open=True)
+        for name, r in self.layer_ratio.items():
+            check_range(f"layer_ratio.{name}", r, 0.0, 1.0, hi_open=True)
+        at_least("batches", self.batches, 1)
+        at_least("batch_size", self.batch_size, 1)
+        if self.input_shape is not None and (not self.input_shape or any(s < 1 for s in self.input_shape)):
+            raise ConfigError("input_shape", f"must be a list of positive sizes (one example, no batch), got {self.input_shape}")
+
+    def check_model(self, model: nn.Module) -> None:
+        names = {n for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))}
+        for key, where in [(n, "layer_ratio") for n in self.layer_ratio] + [(n, "layers") for n in self.layers or []]:
+            if key not in names:
+                raise ConfigError(f"{where}.{key}", f"no convolution or linear layer {key!r} in the model")
+
+
+@dataclass
+class ChannelResult:
+    """What a structured pruning call did: channels per layer before and after, the classes removed,
+    and the graph's notes (ops it left unpruned)."""
+
+    channels: dict[str, tuple[int, int]]
+    removed: int
+    groups: int
+    notes: list[str]
+
+    @property
+    def sparsity(self) -> dict[str, float]:
+        return {n: 1.0 - after / before for n, (before, after) in self.channels.items()}
+
+
+def example_inputs(model: nn.Module, config: ChannelConfig, data: Any) -> tuple[torch.Tensor, ...]:
+    """One example: the first of ``data`` (a Splits, Dataset or DataLoader) or a zero tensor of
+    ``config.input_shape``; a :class:`ConfigError` when there is neither."""
+    dev = device_of(model)
+    if config.input_shape is not None:
+        return (torch.zeros(1, *config.input_shape, device=dev),)
+    source = getattr(data, "train", data)
+    if source is None:
+        raise ConfigError("input_shape", "structured pruning traces the model on one example: pass data= or input_shape")
+    try:
+        x = next(iter(iter_batches(source, 1, 1, 0, dev)))[0]
+    except StopIteration:
+        raise ConfigError("data", "the data yielded no batch") from None
+    return (x[:1],)
+
+
+def _rows(graph: DependencyGraph, tensors: dict[str, dict[str, torch.Tensor]], kinds: set[str]) -> dict[int, torch.Tensor]:
+    """Sum per class of ``f(tensor row)`` already reduced to one value per output position."""
+    out: dict[int, torch.Tensor] = {}
+    for name, use in graph.layers.items():
+        if use.kind not in kinds or name not in tensors:
+            continue
+        for tname, per_pos in tensors[name].items():
+            for i, a in enumerate(use.out_atoms):
+                r = graph.find(a)
+                out[r] = out.get(r, 0) + per_pos[i]
+    return out
+
+
+def _per_position(m: nn.Module, kind: str, t: torch.Tensor) -> torch.Tensor:
+    if kind == "convT" and t.dim() > 1:
+        return t.transpose(0, 1).reshape(t.shape[1], -1).sum(1)
+    return t.reshape(t.shape[0], -1).sum(1)
+
+
+def l1_scores(model: nn.Module, graph: DependencyGraph) -> dict[int, float]:
+    """``s_c = Σ_l ‖W_l[c]‖₁`` over the layers that produce class ``c`` (Li et al. 2017)."""
+    tensors = {n: {"w": _per_position(model.get_submodule(n), u.kind, model.get_submodule(n).weight.detach().abs())}
+               for n, u in graph.layers.items() if u.kind in ("conv", "gconv", "convT", "linear")}
+    return {r: float(v) for r, v in _rows(graph, tensors, {"conv", "gconv", "convT", "linear"}).items()}
+
+
+def bn_scores(model: nn.Module, graph: DependencyGraph) -> dict[int, float]:
+    """``s_c = Σ_l |γ_l[c]|`` over the BatchNorm layers of class ``c`` (Liu et al. 2017); classes
+    without BatchNorm get their L1 filter norm (and the fallback is logged)."""
+    tensors = {n: {"g": model.get_submodule(n).weight.detach().abs()} for n, u in graph.layers.items()
+               if u.kind == "bn" and model.get_submodule(n).weight is not None}
+    scores = {r: float(v) for r, v in _rows(graph, tensors, {"bn"}).items()}
+    missing = [g for g in graph.groups if not all(c in scores for c in g.classes)]
+    if missing:
+        l1 = l1_scores(model, graph)
+        log.info("bn_scale: %d channel groups have no BatchNorm (%s); scored by L1 filter norm",
+                 len(missing), ", ".join(g.producers[0] for g in missing[:5]))
+        for g in missing:
+            for c in g.classes:
+                scores.setdefault(c, l1[c])
+    return scores
+
+
+def taylor_scores(model: nn.Module, graph: DependencyGraph, batches: Any, loss: str = "cross_entropy") -> dict[int, float]:
+    """``s_c = mean_batches (Σ_{k∈c} g_k w_k)²`` over weights, biases and BN scale/shift (Molchanov 2019)."""
+    lossf = loss_fn(loss)
+    params: list[tuple[str, str, torch.Tensor]] = []
+    for name, use in graph.layers.items():
+        m = model.get_submodule(name)
+        for pname in ("weight", "bias"):
+            p = getattr(m, pname, None)
+            if isinstance(p, torch.Tensor) and p.requires_grad and not (use.kind == "prelu"):
+                params.append((name, pname, p))
+    sums: dict[int, float] = {}
+    count = 0
+    with eval_mode(model):
+        for x, y in batches:
+            grads = torch.autograd.grad(lossf(model(x), y), [p for _, _, p in params], allow_unused=True)
+            acc: dict[str, dict[str, torch.Tensor]] = {}
+            for (name, pname, p), g in zip(params, grads):
+                if g is None:
+                    continue
+                kind = graph.layers[name].kind
+                acc.setdefault(name, {})[pname] = _per_position(None, kind, (g * p).detach())
+            per_class = _rows(graph, acc, {"conv", "gconv", "dwconv", "convT", "linear", "bn", "ln"})
+            for r, v in per_class.items():
+                sums[r] = sums.get(r, 0.0) + float(v) ** 2
+            count += 1
+    if count == 0:
+        raise ConfigError("data", "the data yielded no batch")
+    return {r: v / count for r, v in sums.items()}
+
+
+def plan_removal(graph: DependencyGraph, scores: dict[int, float], config: ChannelConfig) -> set[int]:
+    """In each group, the ``ratio`` (or ``layer_ratio`` of one of its layers) lowest-scored classes;
+    at least one class is kept. Groups none of whose producers is in ``layers`` are left alone."""
+    removed: set[int] = set()
+    for g in graph.groups:
+        if config.layers is not None and not set(g.producers) & set(config.layers):
+            continue
+        ratio = next((config.layer_ratio[p] for p in g.producers if p in config.layer_ratio), config.ratio)
+        k = min(int(ratio * g.size + 1e-9), g.size - 1)
+        if k <= 0:
+            continue
+        order = sorted(g.classes, key=lambda c: (scores.get(c, 0.0), c))
+        removed.update(order[:k])
+    return removed
+
+
+@handler(ChannelConfig)
+def channel_prune(model: nn.Module, config: ChannelConfig, data: Any = None) -> ChannelResult:
+    """Build the dependency graph of ``model``, score, and remove (or, with ``mode: zero``, zero) the
+    lowest-scored channels in place. Returns a :class:`ChannelResult`."""
+    graph = DependencyGraph.build(model, example_inputs(model, config, data), strict=config.strict,
+                                  approximate_layernorm=config.approximate_layernorm)
+    if config.criterion == "l1":
+        scores = l1_scores(model, graph)
+    elif config.criterion == "bn_scale":
+        scores = bn_scores(model, graph)
+    else:
+        if data is None:
+            raise ConfigError("data", "criterion 'taylor' scores channels on data: pass data=Splits, Dataset or DataLoader")
+        batches = iter_batches(getattr(data, "train", data), config.batches, config.batch_size, config.seed, device_of(model))
+        scores = taylor_scores(model, graph, batches)
+    removed = plan_removal(graph, scores, config)
+    if config.mode == "zero":
+        zero_channels(model, graph, removed)
+        channels = {}
+    else:
+        channels = remove_channels(model, graph, removed)
+    log.info("structured pruning removed %d channel classes in %d groups", len(removed), len(graph.groups))
+    return ChannelResult(channels, len(removed), len(graph.groups), list(graph.messages))
+
+
+def structured_prune_(model: nn.Module, ratio: float = 0.5, criterion: Criterion = "l1", data: Any = None, **kwargs: Any) -> ChannelResult:
+    """Shorthand for ``prune_(model, ChannelConfig(ratio=..., criterion=..., **kwargs), data=data)``."""
+    return channel_prune(model, ChannelConfig(ratio=ratio, criterion=criterion, **kwargs), data=data)
+
+
+__all__ = ["ChannelConfig", "ChannelResult", "channel_prune", "structured_prune_", "l1_scores", "bn_scores",
+           "taylor_scores", "plan_removal", "example_inputs"]
