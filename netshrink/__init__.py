@@ -11,6 +11,9 @@
 from ._registry import list_methods
 from .errors import ConfigError, DataError, FormatError, ModelError, NetshrinkError
 from .lowrank import CPConfig, SeparableConfig, SvdConfig, TuckerConfig, factorize_
+from .lowrank import LayerwiseConfig, RankBudgetConfig
+from .filters import CReLUConfig, DepthwiseConfig, EquivariantConfig, compact_
+from .matrices import CirculantConfig, HashedConfig, ToeplitzConfig, structure_
 from .metrics import count_nonzeros, count_params, error_rate, fp32_bytes, latency, macs, sqnr_db
 from .models import build_model, list_models
 from .pack import load, pack, packed_bytes, read_info, unpack_to_safetensors
@@ -35,6 +38,16 @@ __all__ = [
     "TuckerConfig",
     "CPConfig",
     "SeparableConfig",
+    "RankBudgetConfig",
+    "LayerwiseConfig",
+    "structure_",
+    "CirculantConfig",
+    "ToeplitzConfig",
+    "HashedConfig",
+    "compact_",
+    "CReLUConfig",
+    "EquivariantConfig",
+    "DepthwiseConfig",
     "Trainer",
     "TrainConfig",
     "pack",

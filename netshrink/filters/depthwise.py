@@ -22,6 +22,7 @@ from torch import nn
 from .._modules import register_module
 from ..errors import ModelError
 from ..lowrank._common import positive_int
+from ..lowrank._fit import mimic_, relative_output_error  # noqa: F401  (re-exported)
 from ._common import conv_kwargs, json_geometry
 
 
@@ -76,40 +77,6 @@ class DepthwiseSeparableConv2d(nn.Sequential):
         if bias is not None and self.pointwise.bias is not None:
             self.pointwise.bias.copy_(bias)
         return self
-
-
-def relative_output_error(reference: nn.Module, approx: nn.Module, inputs: list[torch.Tensor]) -> float:
-    """``sqrt(sum ||ref(x) - approx(x)||^2 / sum ||ref(x)||^2)`` over the batches ``inputs``."""
-    num = den = 0.0
-    with torch.no_grad():
-        for x in inputs:
-            y = reference(x)
-            num += float((y - approx(x)).pow(2).sum())
-            den += float(y.pow(2).sum())
-    return (num / den) ** 0.5 if den > 0 else 0.0
-
-
-def mimic_(module: nn.Module, reference: nn.Module, inputs: list[torch.Tensor], steps: int, lr: float, seed: int = 0) -> None:
-    """Train ``module``'s parameters for ``steps`` Adam steps to minimise ``mean (reference(x) - module(x))^2``,
-    cycling over the batches ``inputs`` (in a seeded order). ``reference`` is not changed."""
-    if steps <= 0:
-        return
-    targets = []
-    with torch.no_grad():
-        targets = [reference(x) for x in inputs]
-    opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    was_training = module.training
-    module.train()
-    for step in range(steps):
-        if step % len(inputs) == 0:
-            order = torch.randperm(len(inputs), generator=gen).tolist()
-        i = order[step % len(inputs)]
-        opt.zero_grad()
-        loss = (module(inputs[i]) - targets[i]).pow(2).mean()
-        loss.backward()
-        opt.step()
-    module.train(was_training)
 
 
 __all__ = ["DepthwiseSeparableConv2d", "depthwise_factors", "mimic_", "relative_output_error"]

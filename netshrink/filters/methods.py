@@ -19,10 +19,11 @@ from .._registry import handler, register
 from ..config import BaseConfig, check_range
 from ..errors import ConfigError
 from ..lowrank._common import conv_geometry, layer_params, module_params, rel_error, target_layers
+from ..lowrank._fit import layer_inputs, mimic_, relative_output_error
 from ..quantize._common import calibration_batches, model_device
 from ._common import CompactResult, LayerCompaction, plain_conv_reason
 from .crelu import CReLUConv2d
-from .depthwise import DepthwiseSeparableConv2d, mimic_, relative_output_error
+from .depthwise import DepthwiseSeparableConv2d
 from .equivariant import GROUPS, EquivariantConv2d
 
 
@@ -122,22 +123,6 @@ class DepthwiseConfig(_FilterMethod):
         return DepthwiseSeparableConv2d(**conv_geometry(conv), multiplier=self.multiplier)
 
 
-def _layer_inputs(model: nn.Module, layer: nn.Module, batches: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The inputs ``layer`` sees when ``model`` runs (in eval mode) on ``batches``."""
-    seen: list[torch.Tensor] = []
-    hook = layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for x in batches:
-                model(x)
-    finally:
-        hook.remove()
-        model.train(was_training)
-    return seen
-
-
 def compact_layers(model: nn.Module, config: _FilterMethod, data: Any = None) -> CompactResult:
     """Replace each chosen Conv2d of ``model`` in place by the compact module ``config`` names.
 
@@ -161,7 +146,7 @@ def compact_layers(model: nn.Module, config: _FilterMethod, data: Any = None) ->
         err = rel_error(conv.weight, new.dense_weight())
         out_err = None
         if mimic:
-            inputs = _layer_inputs(model, conv, batches)
+            inputs = layer_inputs(model, conv, batches)
             mimic_(new, conv, inputs, config.steps, config.lr, config.seed)
             out_err = relative_output_error(conv, new, inputs)
         before = layer_params(conv)

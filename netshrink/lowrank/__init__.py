@@ -7,6 +7,9 @@ factors (:mod:`netshrink._modules`), so the model still trains, packs and loads:
     factorize_(model, TuckerConfig(rank=[16, 8]))       # Kim et al. 2016
     factorize_(model, CPConfig(rank=16))                # Lebedev et al. 2015
     factorize_(model, SeparableConfig(rank=8))          # Jaderberg et al. 2014, scheme 2
+    factorize_(model, TuckerConfig(rank="vbmf"))        # EVBMF ranks (Nakajima 2013), as Kim 2016
+    factorize_(model, RankBudgetConfig(macs_ratio=0.3), data=splits)   # global rank allocation
+    factorize_(model, LayerwiseConfig(method="tucker", args={"energy": 0.8}), data=splits)  # Figure 2
 """
 
 from __future__ import annotations
@@ -30,7 +33,10 @@ from .conv import (
     tucker2_energy_ranks,
     tucker2_factors,
 )
+from .budget import RankBudgetConfig, allocate
 from .conv_methods import CPConfig, SeparableConfig, TuckerConfig
+from .layerwise import LayerwiseConfig
+from .rank_select import EvbmfResult, evbmf, tucker2_macs_ranks, tucker2_vbmf_ranks
 from .svd import (
     LinearFactors,
     LowRankLinear,
@@ -50,10 +56,13 @@ __all__ = [
     "CPConfig",
     "CPConv",
     "CPFactors",
+    "EvbmfResult",
     "FactorizeResult",
     "LayerFactorization",
+    "LayerwiseConfig",
     "LinearFactors",
     "LowRankLinear",
+    "RankBudgetConfig",
     "SeparableConfig",
     "SeparableConv",
     "SeparableFactors",
@@ -61,8 +70,10 @@ __all__ = [
     "Tucker2Conv",
     "TuckerConfig",
     "TuckerFactors",
+    "allocate",
     "cp_factors",
     "energy_rank",
+    "evbmf",
     "factorize_",
     "fixed_basis_factors",
     "ratio_rank",
@@ -70,4 +81,6 @@ __all__ = [
     "svd_factors",
     "tucker2_energy_ranks",
     "tucker2_factors",
+    "tucker2_macs_ranks",
+    "tucker2_vbmf_ranks",
 ]

@@ -125,7 +125,9 @@ def conv2d_reason(module: nn.Module) -> str | None:
 @dataclass(frozen=True)
 class LayerFactorization:
     """One replaced layer: its ``ranks``, weight parameters before and after, and the relative
-    Frobenius error ``||W - W_hat|| / ||W||`` of the approximated weight (or kernel)."""
+    Frobenius error ``||W - W_hat|| / ||W||`` of the approximated weight (or kernel). Where the layer was
+    fitted to the original's outputs on data (``layerwise``), ``output_error`` is the relative output
+    error ``||y - y_hat|| / ||y||`` after fitting and ``fit_from`` the same before fitting."""
 
     name: str
     method: str
@@ -134,6 +136,8 @@ class LayerFactorization:
     params_before: int
     params_after: int
     rel_error: float
+    output_error: float | None = None
+    fit_from: float | None = None
 
 
 @dataclass(frozen=True)

@@ -184,3 +184,24 @@ def test_bad_inputs_give_clear_errors():
     with pytest.raises(ModelError, match="does not fit"):
         CirculantLinear(4, 4).set_from_dense(torch.randn(3, 4))
     assert config_type("circulant") is CirculantConfig and config_type("hashed") is HashedConfig
+
+
+def test_recipe_runs_structured_and_compact_stages(digits_recipe, tmp_path):
+    from netshrink.data import digits
+    from netshrink.pipeline import run_recipe
+    from netshrink.recipe import parse_recipe
+
+    digits_recipe["train"]["epochs"] = 2
+    ft = {"epochs": 1, "lr": 0.01, "batch_size": 32, "progress": False}
+    digits_recipe["stages"] = [
+        {"method": "circulant", "label": "circ", "layers": ["fc1"], "finetune": ft},
+        {"method": "hashed", "label": "hash", "ratio": 0.25, "layers": ["fc2"]},
+        {"method": "huffman"},
+    ]
+    recipe = parse_recipe(digits_recipe)
+    res = run_recipe(recipe, tmp_path / "out", progress=False)
+    assert [r.stage for r in res.rows][:3] == ["baseline", "circ", "hash"]
+    assert res.rows[1].params < res.rows[0].params
+    x = torch.stack([digits().test[i][0] for i in range(16)])
+    res.model.eval()
+    assert torch.equal(load(res.model_path)(x), res.model(x))
