@@ -1,4 +1,4 @@
-"""The ``netshrink`` command: run a recipe, inspect, evaluate and unpack .nsk files.
+"""The ``netshrink`` command: run a recipe, inspect, evaluate, unpack and export .nsk files (and evaluate .onnx).
 
 Every bad input ends in one line on stderr (``netshrink: error: ...``) and exit code 2;
 an interrupt ends with exit code 130 and says how to resume.
@@ -56,6 +56,25 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_onnx(args: argparse.Namespace) -> int:
+    from .data import INPUT_SHAPES, load_dataset
+    from .errors import ConfigError
+    from .export import onnx_input_shape, ort_error_rate, ort_latency, ort_session
+
+    session = ort_session(args.file, threads=args.threads)
+    shape = onnx_input_shape(session)
+    want = INPUT_SHAPES.get(args.data)
+    if want is not None and tuple(want) != shape:
+        raise ConfigError("--data", f"the ONNX model takes inputs of shape {shape}, {args.data} has {tuple(want)}")
+    splits = load_dataset(args.data)
+    err = ort_error_rate(session, splits.test)
+    lat = ort_latency(session, shape, batch_sizes=tuple(args.batch_sizes), runs=args.runs)
+    print(f"{args.file}: test error {100 * err:.2f}% on {len(splits.test):,} {args.data} test images (onnxruntime)")
+    for bs, st in lat.items():
+        print(f"  latency batch {bs:>4}: median {st.median_ms:.3f} ms  ({st.runs} runs, {st.threads} threads)")
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from . import metrics
     from .data import load_dataset
@@ -63,6 +82,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from .recipe import check_input
 
+    if str(args.file).lower().endswith(".onnx"):
+        return _eval_onnx(args)
     model = load(args.file)
     check_input(model, args.data, "--data")
     splits = load_dataset(args.data)
@@ -80,6 +101,24 @@ def _cmd_unpack(args: argparse.Namespace) -> int:
 
     unpack_to_safetensors(args.file, args.output)
     print(f"wrote {args.output}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .data import INPUT_SHAPES, load_dataset
+    from .errors import ConfigError
+    from .export import export_onnx
+    from .pack import load
+
+    if args.calib < 1:
+        raise ConfigError("--calib", f"must be at least 1, got {args.calib}")
+    if args.data not in INPUT_SHAPES:
+        raise ConfigError("--data", f"unknown data set {args.data!r} (known: {', '.join(INPUT_SHAPES)})")
+    model = load(args.file, restore=True)  # int-k weights come back with their quantizers
+    calib = load_dataset(args.data) if args.int8 else None
+    res = export_onnx(model, args.output, INPUT_SHAPES[args.data], int8=args.int8, calibration=calib, calibration_samples=args.calib)
+    kind = f"int8 QDQ ({len(res.quantized)} int8 layers)" if res.int8 else "fp32"
+    print(f"wrote {res.path}: {kind}, {res.bytes:,} bytes")
     return 0
 
 
@@ -108,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("file")
     i.set_defaults(fn=_cmd_info)
 
-    e = sub.add_parser("eval", help="test error and latency of an .nsk file")
+    e = sub.add_parser("eval", help="test error and latency of an .nsk or .onnx file")
     e.add_argument("file")
     e.add_argument("--data", default="mnist")
     e.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
@@ -120,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("file")
     u.add_argument("-o", "--output", required=True)
     u.set_defaults(fn=_cmd_unpack)
+
+    x = sub.add_parser("export", help="export an .nsk file to ONNX (fp32, or int8 QDQ)")
+    x.add_argument("file")
+    x.add_argument("-o", "--output", required=True)
+    x.add_argument("--int8", action="store_true", help="int8 QDQ; a model not yet quantized is calibrated first")
+    x.add_argument("--calib", type=int, default=512, help="calibration examples from the training split (default 512)")
+    x.add_argument("--data", default="mnist", help="data set for the input shape and calibration (default mnist)")
+    x.set_defaults(fn=_cmd_export)
 
     m = sub.add_parser("methods", help="list the registered methods")
     m.set_defaults(fn=_cmd_methods)

@@ -88,3 +88,56 @@ def test_eval_on_data_the_model_cannot_take(tmp_path, capsys):
     assert main(["eval", str(f), "--data", "digits"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("netshrink: error: --data:") and len(err.splitlines()) == 1
+
+
+def _digits_nsk(tmp_path, quantized=False):
+    import torch
+
+    from netshrink.data import load_dataset
+    from netshrink.models import build_model
+    from netshrink.pack import pack
+    from netshrink.quantize import Int8Config, quantize_
+
+    torch.manual_seed(0)
+    m = build_model("mlp", in_features=64, hidden=[32])
+    if quantized:
+        quantize_(m, Int8Config(calibration_samples=64), data=load_dataset("digits"))
+    p = tmp_path / ("q.nsk" if quantized else "m.nsk")
+    pack(m.eval(), p)
+    return p
+
+
+def test_export_fp32_and_int8_then_eval_onnx(tmp_path, capsys):
+    src = _digits_nsk(tmp_path)
+    assert main(["export", str(src), "-o", str(tmp_path / "m.onnx"), "--data", "digits"]) == 0
+    assert "fp32" in capsys.readouterr().out
+    assert main(["export", str(src), "-o", str(tmp_path / "q.onnx"), "--data", "digits", "--int8", "--calib", "64"]) == 0
+    assert "int8 QDQ (2 int8 layers)" in capsys.readouterr().out
+    qsrc = _digits_nsk(tmp_path, quantized=True)  # already quantized: its own scales are exported
+    assert main(["export", str(qsrc), "-o", str(tmp_path / "q2.onnx"), "--data", "digits", "--int8"]) == 0
+    capsys.readouterr()
+    for f in ("m.onnx", "q.onnx", "q2.onnx"):
+        assert main(["eval", str(tmp_path / f), "--data", "digits", "--runs", "20", "--threads", "1"]) == 0
+        out = capsys.readouterr().out
+        assert "test error" in out and "onnxruntime" in out and "latency batch   64" in out
+
+
+def test_export_and_onnx_eval_errors_are_one_line(tmp_path, capsys):
+    src = _digits_nsk(tmp_path)
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"garbage")
+    cases = [
+        ["export", str(src), "-o", str(tmp_path / "x.onnx"), "--calib", "0", "--int8"],
+        ["export", str(src), "-o", str(tmp_path / "x.onnx"), "--data", "imagenet"],
+        ["export", str(tmp_path / "missing.nsk"), "-o", str(tmp_path / "x.onnx")],
+        ["eval", str(bad), "--data", "digits"],
+    ]
+    for argv in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("netshrink: error:"), (argv, err)
+    assert main(["export", str(src), "-o", str(tmp_path / "m.onnx"), "--data", "digits"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "m.onnx"), "--data", "mnist"]) == 2  # 8x8 model, 28x28 data: refused before loading
+    assert "shape" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()

@@ -184,14 +184,15 @@ def check_quant(entry: dict, encoding: str, dtype: str, shape: tuple[int, ...], 
     return out
 
 
-def decode_quant(spec: TensorSpec, part: Callable[[str], tuple[dict[str, Any], memoryview, str]]) -> torch.Tensor:
-    """The float32 tensor of a quantized ``spec``; every count, width and value range is checked."""
+def decode_quant(spec: TensorSpec, part: Callable[[str], tuple[dict[str, Any], memoryview, str]]) -> tuple[torch.Tensor, dict[str, Any] | None]:
+    """The float32 tensor of a quantized ``spec`` and, for ``affine``, its quantizer (``scale``, ``zero_point``,
+    ``bits``, ``signed``, ``axis``); every count, width and value range is checked."""
     numel, q = spec.numel, spec.quant or {}
     if spec.encoding == "cast":
         desc, data, w = part("data")
         if int_field(desc, "count", w) != numel:
             raise FormatError(f"{w}: count disagrees with the tensor")
-        return bytes_tensor(data, desc["dtype"], numel, w).to(torch.float32).reshape(spec.shape)
+        return bytes_tensor(data, desc["dtype"], numel, w).to(torch.float32).reshape(spec.shape), None
     axis = q["axis"]
     channels = 1 if axis is None else spec.shape[0]
     desc, data, w = part("scale")
@@ -207,7 +208,7 @@ def decode_quant(spec: TensorSpec, part: Callable[[str], tuple[dict[str, Any], m
         raise FormatError(f"{w}: {desc['count']} symbols, expected {numel}")
     sym = torch.from_numpy(np.ascontiguousarray(decode_stream(desc, data, w, MAX_CODE_BITS, numel), dtype=np.int64)).reshape(spec.shape)
     if spec.encoding in ("binary", "ternary"):
-        return sign_values(sym, scale, spec.encoding, axis)
+        return sign_values(sym, scale, spec.encoding, axis), None
     if not bool(torch.all(scale > 0)):
         raise FormatError(f"{w}: a scale is not positive")
     bits, signed = q["bits"], q["signed"]
@@ -220,4 +221,5 @@ def decode_quant(spec: TensorSpec, part: Callable[[str], tuple[dict[str, Any], m
         lo, hi = _qmin(bits, signed), ((1 << (bits - 1)) - 1 if signed else (1 << bits) - 1)
         if zero.numel() and (int(zero.min()) < lo or int(zero.max()) > hi):
             raise FormatError(f"{w}: a zero point lies outside [{lo}, {hi}]")
-    return affine_values(sym, scale, zero, bits, signed, axis)
+    info = {"scale": scale, "zero_point": zero, "bits": bits, "signed": signed, "axis": axis}
+    return affine_values(sym, scale, zero, bits, signed, axis), info

@@ -275,6 +275,7 @@ class Decoded:
     mask: torch.Tensor | None = None
     codebook: torch.Tensor | None = None
     indices: torch.Tensor | None = None
+    quant: dict[str, Any] | None = None  # affine: scale, zero_point, bits, signed, axis (for restore)
 
 
 def decode_tensor(spec: TensorSpec, views: list[memoryview], where: str) -> Decoded:
@@ -288,7 +289,8 @@ def decode_tensor(spec: TensorSpec, views: list[memoryview], where: str) -> Deco
     if spec.encoding in _QUANT:
         from ._qtensors import decode_quant
 
-        return Decoded(decode_quant(spec, part))
+        tensor, quant = decode_quant(spec, part)
+        return Decoded(tensor, quant=quant)
     if spec.encoding == "raw":
         desc, data, w = part("data")
         if desc.get("dtype") != spec.dtype or int_field(desc, "count", w) != numel:

@@ -28,7 +28,7 @@ from .._state import WeightState, effective_tensors, weight_state
 from ..errors import ConfigError, FormatError, ModelError, NetshrinkError
 from ..prune._mask import apply_mask, make_permanent
 from ..quantize._sharing import apply_sharing
-from ..quantize._storage import act_quant_specs, apply_act_quant, check_act_quant, storage_hints
+from ..quantize._storage import act_quant_specs, apply_act_quant, check_act_quant, restore_weight_quant, storage_hints
 from . import _format
 from ._format import PRELUDE, VERSION, atomic_write, field as hfield, parse, read_file, serialize
 from ._streams import CODINGS
@@ -328,7 +328,8 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, restore: bo
 
     Without ``restore`` the model gets plain dense weights (any parametrization on ``model`` is made
     permanent first). With ``restore=True`` the compression structure comes back: ``apply_mask`` for
-    sparse weights (mask = stored positions), ``apply_sharing`` for codebook weights, so the model
+    sparse weights (mask = stored positions), ``apply_sharing`` for codebook weights, a
+    :class:`~netshrink.quantize.WeightFakeQuant` with the stored scales for int-k affine weights, so the model
     fine-tunes and re-packs exactly as before. The file's ``edits`` (layers replaced by registered module
     types, :mod:`netshrink._modules`) are replayed on ``model`` first. Names and shapes are checked
     before anything is decoded.
@@ -357,6 +358,10 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, restore: bo
             getattr(model.get_submodule(mod_name), attr).copy_(d.tensor)
     if restore:
         for name, d in decoded.items():
+            if d.quant is not None:  # an affine tensor gets its uniform quantizer back
+                mod_name, _, attr = name.rpartition(".")
+                restore_weight_quant(model.get_submodule(mod_name), d.quant, attr)
+                continue
             if d.mask is None and d.codebook is None:
                 continue
             mod_name, _, attr = name.rpartition(".")

@@ -137,6 +137,24 @@ def storage_hints(model: nn.Module) -> dict[str, StorageHint]:
     return out
 
 
+def restore_weight_quant(module: nn.Module, info: dict[str, Any], name: str = "weight") -> bool:
+    """Put back a :class:`WeightFakeQuant` with the stored ``scale``/``zero_point`` (an ``affine`` tensor
+    decoded from .nsk) on ``module.name``; False (nothing done) where our quantizer cannot hold it
+    (bits outside 2..8, e.g. fixed point; signed with a zero point). The weight is on the grid already,
+    so the quantized weight equals it exactly."""
+    bits, signed = info["bits"], info["signed"]
+    symmetric = signed and not bool(torch.any(info["zero_point"] != 0))
+    if not MIN_BITS <= bits <= MAX_BITS or signed != symmetric:
+        return False
+    w = getattr(module, name)
+    q = WeightFakeQuant(w.detach(), bits, symmetric, info["axis"] == 0)
+    with torch.no_grad():
+        q.scale.copy_(info["scale"].reshape(q.scale.shape))
+        q.zero_point.copy_(info["zero_point"].reshape(q.zero_point.shape))
+    add_weight_quantizer(module, q.to(w.device), name)
+    return True
+
+
 # ------------------------------------------------------------------------------ activation quantizers
 
 _ACT_KEYS = {"layer": str, "bits": int, "symmetric": bool, "observer": str, "percentile": (int, float), "ema": (int, float)}
@@ -190,4 +208,5 @@ def apply_act_quant(model: nn.Module, specs: list[dict[str, Any]], where: str) -
         attach_input_quant(layer, q.to(dev))
 
 
-__all__ = ["CastWeight", "HalfConfig", "StorageHint", "act_quant_specs", "apply_act_quant", "check_act_quant", "half_quantize", "storage_hints"]
+__all__ = ["CastWeight", "HalfConfig", "StorageHint", "act_quant_specs", "apply_act_quant", "check_act_quant", "half_quantize",
+           "restore_weight_quant", "storage_hints"]

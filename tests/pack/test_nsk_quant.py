@@ -214,3 +214,21 @@ def test_every_flipped_byte_of_a_quantized_file_is_caught(tmp_path, qfile):
         p.write_bytes(bytes(bad))
         with pytest.raises(FormatError):
             read_info(p)
+
+
+def test_restore_brings_back_the_weight_quantizers(tmp_path):
+    from netshrink.quantize._common import weight_quantizer_of
+    from netshrink.quantize.fake import WeightFakeQuant
+
+    m = _quantized(Int8Config())
+    pack(m, tmp_path / "q.nsk")
+    back = load(tmp_path / "q.nsk", plain_model(), restore=True).eval()
+    for i in (0, 4, 6):
+        q = weight_quantizer_of(back[i])
+        assert isinstance(q, WeightFakeQuant) and torch.equal(q.scale, weight_quantizer_of(m[i]).scale)
+    assert torch.equal(back(_inputs(4)), m(_inputs(4)))
+    pack(back, tmp_path / "again.nsk")
+    assert (tmp_path / "again.nsk").read_bytes() == (tmp_path / "q.nsk").read_bytes()
+    fp = _quantized(FixedPointConfig(il=4, fl=12, rounding="nearest"))  # 16-bit codes: stored, not restored as int-k
+    pack(fp, tmp_path / "f.nsk")
+    assert weight_quantizer_of(load(tmp_path / "f.nsk", plain_model(), restore=True)[4]) is None
