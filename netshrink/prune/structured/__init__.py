@@ -8,3 +8,8 @@ from .slicing import remove_channels, zero_channels
 
 __all__ = ["ChannelConfig", "ChannelResult", "channel_prune", "structured_prune_", "l1_scores", "bn_scores", "taylor_scores",
            "plan_removal", "DependencyGraph", "ChannelGroup", "trace", "remove_channels", "zero_channels"]
+
+from .reconstruct import reconstruct_
+from .ssl import group_lasso, group_norms, slimming_regularizer, ssl_regularizer
+
+__all__ += ["reconstruct_", "group_lasso", "group_norms", "ssl_regularizer", "slimming_regularizer"]

@@ -18,6 +18,7 @@ class's channels:
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -30,6 +31,7 @@ from ...config import BaseConfig, check_range
 from ...errors import ConfigError
 from .._criteria import at_least, device_of, eval_mode, iter_batches, loss_fn
 from .graph import DependencyGraph
+from .reconstruct import reconstruct_
 from .slicing import remove_channels, zero_channels
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,16 @@ Criterion = Literal["l1", "bn_scale", "taylor"]
 @register("channel", family="prune")
 @dataclass
 class ChannelConfig(BaseConfig):
-    """Structured channel pruning: remove whole filters/channels/neurons and shrink the layers (L1, BN scale or Taylor)."""
+    """Structured channel pruning: remove whole filters/channels/neurons and shrink the layers (L1, BN scale or Taylor).
+
+    ``ratio``: fraction of each group's channels removed (``layer_ratio`` per producing layer;
+    ``scope: global`` ranks all channels together); ``threshold``: remove every channel scored below
+    it instead. ``mode: zero`` zeroes the channels and keeps the shapes (the masked twin).
+    ``reconstruct``: refit the layers that lost inputs by least squares on ``batches`` batches of
+    data (He et al. 2017; :mod:`.reconstruct`). ``strict``: an op the graph does not handle raises
+    instead of leaving its channels unpruned. ``input_shape``: one example's shape for tracing when
+    no data is given.
+    """
 
     ratio: float = 0.5
     criterion: Criterion = "l1"
@@ -53,11 +64,20 @@ class ChannelConfig(BaseConfig):
     strict: bool = False
     approximate_layernorm: bool = False
     mode: Literal["remove", "zero"] = "remove"
+    scope: Literal["group", "global"] = "group"
+    threshold: float | None = None
+    reconstruct: bool = False
+    ridge: float = 1e-4
 
     def validate(self) -> None:
         check_range("ratio", self.ratio, 0.0, 1.0, hi_open=True)
         for name, r in self.layer_ratio.items():
             check_range(f"layer_ratio.{name}", r, 0.0, 1.0, hi_open=True)
+        if self.scope == "global" and self.layer_ratio:
+            raise ConfigError("scope", "scope 'global' ranks all channels together and takes no layer_ratio")
+        if self.threshold is not None and (self.threshold < 0 or self.layer_ratio):
+            raise ConfigError("threshold", f"must be >= 0 and replaces ratio and layer_ratio, got {self.threshold}")
+        check_range("ridge", self.ridge, 0.0, 1e6)
         at_least("batches", self.batches, 1)
         at_least("batch_size", self.batch_size, 1)
         if self.input_shape is not None and (not self.input_shape or any(s < 1 for s in self.input_shape)):
@@ -175,12 +195,24 @@ def taylor_scores(model: nn.Module, graph: DependencyGraph, batches: Any, loss: 
 
 
 def plan_removal(graph: DependencyGraph, scores: dict[int, float], config: ChannelConfig) -> set[int]:
-    """In each group, the ``ratio`` (or ``layer_ratio`` of one of its layers) lowest-scored classes;
-    at least one class is kept. Groups none of whose producers is in ``layers`` are left alone."""
+    """The classes to remove. ``scope: group``: in each group the ``ratio`` (or ``layer_ratio`` of
+    one of its layers) lowest-scored classes. ``scope: global``: the ``ratio`` lowest-scored of all
+    chosen classes together (scores must be comparable across layers, as BN scales after slimming
+    are). ``threshold``: every class scored below it. Each group keeps at least one class (its best);
+    groups none of whose producers is in ``layers`` are left alone."""
     removed: set[int] = set()
-    for g in graph.groups:
-        if config.layers is not None and not set(g.producers) & set(config.layers):
-            continue
+    groups = [g for g in graph.groups if config.layers is None or set(g.producers) & set(config.layers)]
+    if config.threshold is not None or config.scope == "global":
+        pool = [(scores.get(c, 0.0), c) for g in groups for c in g.classes]
+        if config.threshold is not None:
+            cut = {c for s, c in pool if s < config.threshold}
+        else:
+            cut = {c for _, c in sorted(pool)[: int(config.ratio * len(pool) + 1e-9)]}
+        for g in groups:
+            best = max(g.classes, key=lambda c: (scores.get(c, 0.0), -c))
+            removed.update(c for c in g.classes if c in cut and c != best)
+        return removed
+    for g in groups:
         ratio = next((config.layer_ratio[p] for p in g.producers if p in config.layer_ratio), config.ratio)
         k = min(int(ratio * g.size + 1e-9), g.size - 1)
         if k <= 0:
@@ -206,11 +238,18 @@ def channel_prune(model: nn.Module, config: ChannelConfig, data: Any = None) -> 
         batches = iter_batches(getattr(data, "train", data), config.batches, config.batch_size, config.seed, device_of(model))
         scores = taylor_scores(model, graph, batches)
     removed = plan_removal(graph, scores, config)
+    dense = copy.deepcopy(model) if config.reconstruct and config.mode == "remove" else None
     if config.mode == "zero":
         zero_channels(model, graph, removed)
         channels = {}
     else:
         channels = remove_channels(model, graph, removed)
+    if dense is not None:
+        if data is None:
+            raise ConfigError("data", "reconstruct: true refits layers on data: pass data=Splits, Dataset or DataLoader")
+        batches = iter_batches(getattr(data, "train", data), config.batches, config.batch_size, config.seed + 1, device_of(model))
+        refit = reconstruct_(model, dense, graph, removed, batches, config.ridge)
+        log.info("least-squares reconstruction refit %d layers", len(refit))
     log.info("structured pruning removed %d channel classes in %d groups", len(removed), len(graph.groups))
     return ChannelResult(channels, len(removed), len(graph.groups), list(graph.messages))
 
