@@ -127,3 +127,25 @@ def test_karnin_formula_on_plain_gradient_descent_of_a_quadratic():
     r = 1 - eta * a
     by_hand = sum((eta * a * r**n) ** 2 for n in range(5)) * r**5 / (eta * (r**5 - 1))
     assert float(s) == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_one_shot_obs_is_the_block_update_with_every_removal_in_one_block():
+    h = _spd(9, seed=7)
+    w0 = torch.randn(3, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    keep = torch.ones(3, 9, dtype=torch.bool)
+    keep[1, 4] = False  # one entry already off: eliminated first, then the rest chosen at once
+    protected = torch.zeros(9, dtype=torch.bool)
+    protected[8] = True
+    res = obs_prune(w0, h, [5, 4, 6], keep=keep, protected=protected, block_size=9)
+    for r in range(3):
+        removed = (~res.keep[r]).nonzero().flatten().tolist()
+        assert 8 not in removed and len(removed) == [5, 5, 6][r]
+        start = w0[r].clone()
+        start[~keep[r]] = 0
+        best = _constrained_min(start, h, removed)
+        torch.testing.assert_close(res.weight[r], best)
+        assert float(res.loss[r]) == pytest.approx(_quad(best, start, h), rel=1e-9)
+    # the set removed is the one-shot choice: the least w²/(2[H⁻¹]_qq) of the first step
+    sal = importance.obs_saliency(w0[0], torch.linalg.inv(h).diagonal())
+    sal[8] = float("inf")
+    assert sorted((~res.keep[0]).nonzero().flatten().tolist()) == sorted(torch.argsort(sal)[:5].tolist())
