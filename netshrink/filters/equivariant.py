@@ -37,18 +37,25 @@ GROUPS: dict[str, tuple[tuple[int, int], ...]] = {
 }
 
 
+def _quarter_turns(x: torch.Tensor, r: int) -> torch.Tensor:
+    """``torch.rot90(x, r, dims=(-2, -1))`` written with flips and transposes (which ONNX exports)."""
+    for _ in range(r % 4):
+        x = torch.flip(x, dims=(-1,)).transpose(-2, -1)
+    return x
+
+
 def transform(x: torch.Tensor, element: tuple[int, int]) -> torch.Tensor:
     """Apply the grid transform ``rot90^r ∘ flip^m`` to the last two (spatial) dims of ``x``."""
     m, r = element
     if m:
         x = torch.flip(x, dims=(-1,))
-    return torch.rot90(x, r, dims=(-2, -1)) if r % 4 else x
+    return _quarter_turns(x, r)
 
 
 def inverse_transform(x: torch.Tensor, element: tuple[int, int]) -> torch.Tensor:
     """Undo :func:`transform`: ``flip^m ∘ rot90^{-r}``."""
     m, r = element
-    x = torch.rot90(x, -r, dims=(-2, -1)) if r % 4 else x
+    x = _quarter_turns(x, -r)
     return torch.flip(x, dims=(-1,)) if m else x
 
 

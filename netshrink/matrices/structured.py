@@ -13,6 +13,9 @@ Each replaces the ``out x in`` weight of ``y = W x + b`` by a matrix described b
   weight ``V[i, j] = xi(i, j) * w[h(i, j)]`` with ``h`` a seeded hash into ``K`` buckets and ``xi`` an
   optional seeded sign hash; only ``w`` (``K`` numbers) is stored and trained.
 
+Exported to ONNX (which has no real-FFT op that torch exports), circulant and Toeplitz layers run as
+their explicit matrices: the same function, without the FFT's speed.
+
 Every projection ``*_project(W)`` is the least-squares fit of the structure to a dense ``W``: each entry
 of ``W`` depends on exactly one stored number (with coefficient +-1), so the fit is the (signed) mean of
 the entries that share it -- for a circulant, the mean along each wrapped diagonal.
@@ -145,6 +148,8 @@ class CirculantLinear(nn.Module):
                 "bias": self._bias, "signs": self.signs, "seed": self.seed}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():  # ONNX has no real FFT op torch exports: the explicit matrix
+            return F.linear(x, self.dense_weight(), self.bias)
         if self.input_signs is not None:
             x = x * self.input_signs
         p, q, b = self.weight.shape
@@ -206,6 +211,8 @@ class ToeplitzLinear(nn.Module):
         return {"in_features": self.in_features, "out_features": self.out_features, "bias": self._bias}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():  # as CirculantLinear: the explicit matrix in ONNX
+            return F.linear(x, self.dense_weight(), self.bias)
         n = self.weight.shape[0] + self.in_features - 1
         full = torch.fft.irfft(torch.fft.rfft(x, n=n) * torch.fft.rfft(self.weight, n=n), n=n)
         y = full[..., self.in_features - 1 : self.in_features - 1 + self.out_features]
