@@ -1,15 +1,66 @@
-"""Structured pruning: a torch.fx channel dependency graph, criteria, and physical removal of channels."""
+"""Structured pruning: a torch.fx channel dependency graph, criteria, and physical removal of channels.
+
+``prune_(model, ChannelConfig(ratio=0.5, criterion="l1"), data=...)`` (recipe method ``channel``)
+removes whole channels and returns the same model object with smaller plain layers (no masks); the
+resized layers are recorded as edits so a zoo model packs to .nsk and loads back.
+
+What the dependency graph handles (each row has a test in ``tests/prune/structured/``):
+
+| module / op                                             | handling                                         | test |
+|---------------------------------------------------------|--------------------------------------------------|------|
+| Conv1d/2d/3d, Linear                                    | produce channels; inputs sliced                  | every zoo model |
+| BatchNorm1d/2d/3d, PReLU(C)                             | per channel, sliced                              | zoo (resnet_small, vgg_small, mobilenet_small) |
+| residual add / sub / mul of tracked tensors             | members share one channel set                    | zoo (resnet_small, resnet50), ``test_module_called_twice...`` |
+| ``torch.cat`` on the channel dim                        | index offsets                                    | ``test_concat_offsets``, zoo ``mlp_concat`` |
+| ``chunk``, ``split`` with a computed size               | pieces pruned alike                              | ``test_chunk_and_equal_split...`` |
+| ``split`` with literal sizes                            | left unpruned, logged                            | ``test_split_with_fixed_sizes...`` |
+| ``flatten`` / ``view`` / ``reshape`` (-1 or x.size())   | per-channel blocks of features (flatten->linear) | ``test_flatten_to_linear...``, zoo lenet5, vgg_small |
+| ``view`` / ``reshape`` with a literal size              | left unpruned, logged                            | ``test_hard_coded_view_size...`` |
+| ``permute`` / ``transpose`` / ``unsqueeze`` / ``squeeze``| tracked dimension moves                          | ``test_permute_and_linear_over_channels`` |
+| functional activations, pooling, ``interpolate``, pad   | pass through                                     | ``test_functional_activations...`` |
+| grouped conv                                            | channel i of every group pruned alike            | ``test_grouped_and_depthwise...`` |
+| depthwise conv (any multiplier)                         | output tied to its input channel                 | ``test_grouped_and_depthwise...``, zoo mobilenet_small |
+| ConvTranspose (groups 1)                                | in and out sliced                                | ``test_transposed_convolution...`` |
+| LayerNorm over the channels                             | exact mode: left unpruned, logged; ``approximate_layernorm``: sliced | ``test_layernorm_pruned_only...`` |
+| softmax / mean / sum over the channels, per-channel constants | channels pinned                            | ``test_a_per_channel_parameter...`` |
+| nn.MultiheadAttention, grouped-query attention (matmul) | left unpruned with a message; ``strict`` raises naming op and module | ``test_attention_is_left_unpruned...``, ``test_unsupported_op_in_strict_mode...`` |
+| a model torch.fx cannot trace                           | ModelError naming the failing module             | ``test_untraceable_model...`` |
+
+Head-wise pruning of attention is not implemented: attention blocks are left unpruned.
+"""
 
 from __future__ import annotations
 
-from .channel import ChannelConfig, ChannelResult, bn_scores, channel_prune, l1_scores, plan_removal, structured_prune_, taylor_scores
+from .channel import (
+           ChannelConfig,
+           ChannelResult,
+           bn_scores,
+           channel_prune,
+           l1_scores,
+           plan_removal,
+           structured_prune_,
+           taylor_scores,
+)
 from .graph import ChannelGroup, DependencyGraph, trace
 from .slicing import remove_channels, zero_channels
 
-__all__ = ["ChannelConfig", "ChannelResult", "channel_prune", "structured_prune_", "l1_scores", "bn_scores", "taylor_scores",
-           "plan_removal", "DependencyGraph", "ChannelGroup", "trace", "remove_channels", "zero_channels"]
+__all__ = [
+           "ChannelConfig",
+           "ChannelGroup",
+           "ChannelResult",
+           "DependencyGraph",
+           "bn_scores",
+           "channel_prune",
+           "l1_scores",
+           "plan_removal",
+           "remove_channels",
+           "structured_prune_",
+           "taylor_scores",
+           "trace",
+           "zero_channels",
+]
 
 from .reconstruct import reconstruct_
 from .ssl import group_lasso, group_norms, slimming_regularizer, ssl_regularizer
 
-__all__ += ["reconstruct_", "group_lasso", "group_norms", "ssl_regularizer", "slimming_regularizer"]
+__all__ += ["group_lasso", "group_norms", "reconstruct_", "slimming_regularizer", "ssl_regularizer"]

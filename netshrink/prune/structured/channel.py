@@ -127,7 +127,7 @@ def _rows(graph: DependencyGraph, tensors: dict[str, dict[str, torch.Tensor]], k
     for name, use in graph.layers.items():
         if use.kind not in kinds or name not in tensors:
             continue
-        for tname, per_pos in tensors[name].items():
+        for per_pos in tensors[name].values():
             for i, a in enumerate(use.out_atoms):
                 r = graph.find(a)
                 out[r] = out.get(r, 0) + per_pos[i]
@@ -172,7 +172,7 @@ def taylor_scores(model: nn.Module, graph: DependencyGraph, batches: Any, loss: 
         m = model.get_submodule(name)
         for pname in ("weight", "bias"):
             p = getattr(m, pname, None)
-            if isinstance(p, torch.Tensor) and p.requires_grad and not (use.kind == "prelu"):
+            if isinstance(p, torch.Tensor) and p.requires_grad and use.kind != "prelu":
                 params.append((name, pname, p))
     sums: dict[int, float] = {}
     count = 0
@@ -259,5 +259,14 @@ def structured_prune_(model: nn.Module, ratio: float = 0.5, criterion: Criterion
     return channel_prune(model, ChannelConfig(ratio=ratio, criterion=criterion, **kwargs), data=data)
 
 
-__all__ = ["ChannelConfig", "ChannelResult", "channel_prune", "structured_prune_", "l1_scores", "bn_scores",
-           "taylor_scores", "plan_removal", "example_inputs"]
+__all__ = [
+    "ChannelConfig",
+    "ChannelResult",
+    "bn_scores",
+    "channel_prune",
+    "example_inputs",
+    "l1_scores",
+    "plan_removal",
+    "structured_prune_",
+    "taylor_scores",
+]

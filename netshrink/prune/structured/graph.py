@@ -29,12 +29,12 @@ from __future__ import annotations
 import logging
 import math
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-import torch.fx as fx
-from torch import nn
+from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn import functional as F
 
@@ -190,7 +190,7 @@ class DependencyGraph:
     # ------------------------------------------------------------------ building
     @classmethod
     def build(cls, model: nn.Module, example_inputs: Sequence[torch.Tensor], *, strict: bool = False,
-              approximate_layernorm: bool = False) -> "DependencyGraph":
+              approximate_layernorm: bool = False) -> DependencyGraph:
         """Trace ``model``, propagate shapes on ``example_inputs`` (eval mode, no grad; the model's
         modes are restored) and build the graph."""
         g = cls(model, strict, approximate_layernorm)
@@ -563,4 +563,4 @@ def _has_tv(v: Any) -> bool:
     return False
 
 
-__all__ = ["DependencyGraph", "ChannelGroup", "LayerUse", "TV", "trace"]
+__all__ = ["TV", "ChannelGroup", "DependencyGraph", "LayerUse", "trace"]

@@ -17,7 +17,7 @@ Only ordinary convolutions (``groups = 1``) and Linear layers are refit; others 
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn

@@ -10,7 +10,7 @@ the ops between layers map zero to zero (ReLU, pooling, sums, concatenation).
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -133,9 +133,8 @@ def zero_channels(model: nn.Module, graph: DependencyGraph, removed: Iterable[in
         idx = torch.tensor(gone, dtype=torch.long)
         if use.kind == "convT":
             m.weight[:, idx] = 0
-        elif use.kind in ("conv", "gconv", "dwconv", "linear", "bn", "ln", "prelu"):
-            if use.kind != "prelu" and getattr(m, "weight", None) is not None:
-                m.weight[idx] = 0
+        elif use.kind != "prelu" and getattr(m, "weight", None) is not None:
+            m.weight[idx] = 0
         if getattr(m, "bias", None) is not None:
             m.bias[idx] = 0
 

@@ -22,7 +22,8 @@ Both return an ``extra_loss(model, x, y, logits)`` for :class:`netshrink.train.T
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal, Sequence
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 from torch import nn
@@ -97,4 +98,4 @@ def slimming_regularizer(strength: float) -> ExtraLoss:
     return extra_loss
 
 
-__all__ = ["GroupKind", "group_norms", "group_lasso", "ssl_regularizer", "slimming_regularizer"]
+__all__ = ["GroupKind", "group_lasso", "group_norms", "slimming_regularizer", "ssl_regularizer"]

@@ -7,7 +7,14 @@ import copy
 import torch
 from torch import nn
 
-from netshrink.prune.structured import ChannelConfig, DependencyGraph, l1_scores, plan_removal, remove_channels, zero_channels
+from netshrink.prune.structured import (
+    ChannelConfig,
+    DependencyGraph,
+    l1_scores,
+    plan_removal,
+    remove_channels,
+    zero_channels,
+)
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -46,7 +46,7 @@ def test_resnet50_sized_graph_scales_and_twins_agree():
     torch.manual_seed(0)
     model = randomize_bn(build_model("resnet50"))
     assert 25_000_000 < n_params(model) < 26_000_000
-    graph, _, pruned, removed, diff = twins(model, torch.randn(1, 3, 32, 32), ratio=0.5)
+    graph, _, pruned, _, diff = twins(model, torch.randn(1, 3, 32, 32), ratio=0.5)
     # stem + 16 blocks x 2 inner convs + 4 residual stages = 37 groups; the fc output is pinned
     assert len(graph.groups) == 37 and diff <= 1e-5
     assert pruned.fc.in_features == 1024 and pruned.fc.out_features == 1000

@@ -44,7 +44,7 @@ class Concat(nn.Module):
 
 
 def test_concat_offsets():
-    g, pruned = assert_twin(Concat(), img(), {"a": ("out_channels", 4), "b": ("out_channels", 2), "head": ("in_channels", 6)})
+    g, _ = assert_twin(Concat(), img(), {"a": ("out_channels", 4), "b": ("out_channels", 2), "head": ("in_channels", 6)})
     assert {grp.producers for grp in g.groups} == {("a",), ("b",)}
 
 
@@ -67,7 +67,7 @@ class Chunk(nn.Module):
 @pytest.mark.parametrize("split", [False, True])
 def test_chunk_and_equal_split_prune_the_pieces_alike(split):
     # 8 channels in two tied pieces of 4: 4 classes, half removed -> 2 per piece
-    g, pruned = assert_twin(Chunk(split), img(), {"conv": ("out_channels", 4), "head": ("in_channels", 2)})
+    g, _ = assert_twin(Chunk(split), img(), {"conv": ("out_channels", 4), "head": ("in_channels", 2)})
     assert [grp.size for grp in g.groups if grp.producers == ("conv",)] == [4]
 
 
@@ -172,7 +172,7 @@ class Grouped(nn.Module):
 
 
 def test_grouped_and_depthwise_convolutions():
-    g, pruned = assert_twin(Grouped(), img(), {"c1": ("out_channels", 8), "g": ("out_channels", 4), "dw": ("out_channels", 8),
+    _, pruned = assert_twin(Grouped(), img(), {"c1": ("out_channels", 8), "g": ("out_channels", 4), "dw": ("out_channels", 8),
                                                "pw": ("in_channels", 8)})
     assert pruned.g.groups == 4 and pruned.dw.groups == 4 and pruned.g.in_channels == 8
 
@@ -210,7 +210,7 @@ class Shared(nn.Module):
 
 
 def test_module_called_twice_stays_consistent():
-    g, pruned = assert_twin(Shared(), img(), {"stem": ("out_channels", 4), "block": ("out_channels", 4)})
+    _, pruned = assert_twin(Shared(), img(), {"stem": ("out_channels", 4), "block": ("out_channels", 4)})
     assert pruned.block.in_channels == 4
 
 
@@ -250,7 +250,7 @@ def test_attention_is_left_unpruned_with_a_message(cls, caplog):
     model = cls().eval()
     x = torch.randn(2, 5, 8 if cls is Attention else 16)
     with caplog.at_level(logging.WARNING):
-        graph, _, pruned, removed, diff = twins(model, x)
+        graph, _, _, _, diff = twins(model, x)
     assert graph.messages and "stay unpruned" in caplog.text
     assert diff <= 1e-5  # whatever was pruned (the input projection of MHA's caller, none in GQA) stays exact
     attn_layers = {"attn"} if cls is Attention else {"q", "k", "v"}
