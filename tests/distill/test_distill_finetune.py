@@ -152,3 +152,17 @@ def test_a_changed_distill_block_is_a_different_recipe(digits_recipe, tmp_path):
     recipe["stages"][0]["finetune"]["distill"]["temperature"] = 5
     with pytest.raises(NetshrinkError, match="different recipe"):
         run_recipe(parse_recipe(recipe), tmp_path / "o", resume=True, progress=False)
+
+
+def test_recipe_level_default_distils_from_the_baseline(digits_recipe, tmp_path):
+    digits_recipe["stages"] = [{"method": "magnitude", "sparsity": 0.9,
+                                "finetune": {"epochs": 1, "lr": 0.01, "batch_size": 32, "progress": False}}]
+    plain = run_recipe(parse_recipe(digits_recipe), tmp_path / "plain", progress=False)
+    digits_recipe["distill"] = {"temperature": 2, "alpha": 1.0}  # teacher: the baseline (the default)
+    kd = run_recipe(parse_recipe(digits_recipe), tmp_path / "kd", progress=False)
+    assert kd.rows[0].test_error == plain.rows[0].test_error  # the same cached baseline
+    assert kd.rows[1].nonzeros == plain.rows[1].nonzeros
+    w_plain = plain.model.state_dict()
+    w_kd = kd.model.state_dict()
+    assert any(not torch.equal(w_plain[k], w_kd[k]) for k in w_plain)  # the loss was the teacher's, not the labels'
+    assert kd.rows[1].test_error < 0.3
