@@ -43,7 +43,6 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from ._fileio import atomic_write_bytes
 from .errors import ConfigError, DataError, ModelError
@@ -104,12 +103,6 @@ def _plain_copy(model: nn.Module) -> nn.Module:
     m = copy.deepcopy(model).cpu().eval()
     for mod in m.modules():
         remove_input_quant(mod)
-        if parametrize.is_parametrized(mod):
-            # a deep copy shares torch's generated parametrized class with the original, and removing a
-            # parametrization deletes the property from that class: give the copy a class of its own first
-            cls = type(mod)
-            own = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
-            mod.__class__ = type(cls.__name__, cls.__bases__, own)
     return make_permanent(m)
 
 

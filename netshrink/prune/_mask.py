@@ -51,10 +51,24 @@ def apply_mask(module: nn.Module, mask: torch.Tensor, name: str = "weight") -> N
         raise ValueError(f"{type(module).__name__}.{name} is already weight-shared; prune before sharing")
 
 
+def remove_parametrization(module: nn.Module, name: str = "weight", leave_parametrized: bool = True) -> None:
+    """``parametrize.remove_parametrizations``, safe on deep copies.
+
+    torch gives a parametrized module a generated class that holds the parametrized property, and a
+    ``copy.deepcopy`` of the model shares that class with the original. Removing the parametrization
+    deletes the property from the class, which would break every other module of the class. The module
+    gets a class of its own first, so only it changes.
+    """
+    cls = type(module)
+    own = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, own)
+    parametrize.remove_parametrizations(module, name, leave_parametrized=leave_parametrized)
+
+
 def make_permanent(model: nn.Module) -> nn.Module:
     """Remove every parametrization, leaving plain Parameters that hold the masked/shared values."""
     for module in model.modules():
         if parametrize.is_parametrized(module):
             for name in list(module.parametrizations.keys()):
-                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+                remove_parametrization(module, name, leave_parametrized=True)
     return model

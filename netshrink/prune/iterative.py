@@ -33,6 +33,7 @@ from ..config import BaseConfig, check_range
 from ..errors import ConfigError
 from ..metrics import error_rate
 from ..train import TrainConfig, Trainer
+from ._mask import remove_parametrization
 from ._select import geometric_schedule
 from .magnitude import PruneResult
 from .schedule import agp_sparsity
@@ -143,7 +144,7 @@ def _restore(model: nn.Module, snap: tuple[dict[str, torch.Tensor], set[tuple[st
     state, before = snap
     modules = dict(model.named_modules())
     for name, tensor in _parametrized(model) - before:
-        parametrize.remove_parametrizations(modules[name], tensor, leave_parametrized=False)
+        remove_parametrization(modules[name], tensor, leave_parametrized=False)
     model.load_state_dict(state, strict=True)
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..prune._mask import Mask, parametrization_of
+from ..prune._mask import Mask, parametrization_of, remove_parametrization
 
 
 class SharedWeights(nn.Module):
@@ -44,11 +44,11 @@ def apply_sharing(module: nn.Module, codebook: torch.Tensor, indices: torch.Tens
     mask = None
     if isinstance(p, Mask):
         mask = p.mask.clone()
-        parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+        remove_parametrization(module, name)
     elif p is not None:
         mask = getattr(p, "mask", None)
         mask = mask.clone() if mask is not None else None
-        parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+        remove_parametrization(module, name)
     shared = SharedWeights(codebook, indices, mask)
     parametrize.register_parametrization(module, name, shared, unsafe=True)
     module.parametrizations[name].original.requires_grad_(False)

@@ -68,6 +68,19 @@ def test_make_permanent_keeps_outputs():
     assert torch.equal(net(x), y)
 
 
+def test_make_permanent_on_a_deep_copy_leaves_the_original_masked():
+    import copy
+
+    net = _net()
+    prune_(net, MagnitudeConfig(sparsity=0.6))
+    x = torch.randn(4, 20)
+    y = net(x)
+    twin = make_permanent(copy.deepcopy(net))
+    assert not hasattr(twin[0], "parametrizations")
+    assert get_mask(net[0]) is not None  # the original keeps its mask and its weight property
+    assert torch.equal(net(x), y) and torch.equal(twin(x), y)
+
+
 def test_iterative_steps_expand_into_growing_rounds():
     rounds = MagnitudeConfig(sparsity=0.96, steps=3).substages()
     sp = [r.sparsity for r in rounds]
