@@ -44,6 +44,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     print()
     print(text_table(STAGE_COLUMNS, [stage_cells(r) for r in result.rows]))
+    if result.speed is not None:
+        print("\nspeed of the decoded model against the dense baseline:")
+        for line in result.speed.verdicts():
+            print(f"  {line}")
     print(f"\nwrote {result.model_path}, {result.report_path}")
     return 0
 

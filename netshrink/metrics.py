@@ -286,6 +286,37 @@ def latency(
     return results
 
 
+def compare_latency(
+    models: "dict[str, nn.Module]",
+    example_input: torch.Tensor | Sequence[int],
+    batch_sizes: Sequence[int] = (1, 64),
+    runs: int = 30,
+    rounds: int = 3,
+    threads: int | None = None,
+) -> dict[str, dict[int, LatencyStats]]:
+    """:func:`latency` of several models measured in the same run, taking turns.
+
+    Each of ``rounds`` rounds times every model once (``runs`` passes per batch size), so that a burst
+    of load on a shared machine falls on all of them alike; per model and batch size the result is the
+    round with the middle median. Compare the models by the ratio of their medians (DESIGN.md).
+    """
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ConfigError("rounds", f"must be a positive integer, got {rounds!r}")
+    if not models:
+        raise ConfigError("models", "needs at least one model to time")
+    per_round = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            per_round[name].append(latency(model, example_input, batch_sizes=batch_sizes, runs=runs, threads=threads))
+    out: dict[str, dict[int, LatencyStats]] = {}
+    for name, results in per_round.items():
+        out[name] = {}
+        for b in results[0]:
+            ordered = sorted((r[b] for r in results), key=lambda st: st.median_ms)
+            out[name][b] = ordered[len(ordered) // 2]
+    return out
+
+
 # --------------------------------------------------------------------------- SQNR
 
 
@@ -312,5 +343,5 @@ def sqnr_db(reference: torch.Tensor | np.ndarray, approx: torch.Tensor | np.ndar
 
 __all__ = [
     "error_rate", "count_params", "count_nonzeros", "fp32_bytes", "compression_ratio",
-    "LayerMacs", "MacsReport", "macs", "LatencyStats", "latency", "sqnr_db", "MAC_LAYERS",
+    "LayerMacs", "MacsReport", "macs", "LatencyStats", "latency", "compare_latency", "sqnr_db", "MAC_LAYERS",
 ]

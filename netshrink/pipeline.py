@@ -75,6 +75,57 @@ class RunResult:
     model: nn.Module
     layer_snapshots: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     report_path: Path | None = None
+    speed: "Speed | None" = None
+
+
+@dataclass
+class Speed:
+    """Latency of the dense baseline and of the decoded final model, timed in turns in the same run."""
+
+    batch_sizes: list[int]
+    baseline_ms: list[float]
+    compressed_ms: list[float]
+    threads: int
+    macs_baseline: int
+    macs_compressed: int
+
+    def verdicts(self) -> list[str]:
+        """One plain sentence per batch size: faster or not, by how much, and why."""
+        mac_ratio = self.macs_baseline / max(1, self.macs_compressed)
+        out = []
+        for b, base, comp in zip(self.batch_sizes, self.baseline_ms, self.compressed_ms):
+            r = base / comp if comp > 0 else float("inf")
+            head = f"batch {b}: {base:.3f} ms dense, {comp:.3f} ms compressed"
+            if r >= 1.05:
+                line = f"{head}: {r:.2f}x faster ({mac_ratio:.2f}x fewer MACs)"
+                if r < 0.8 * mac_ratio:
+                    line += "; below the MAC reduction, because per-layer overhead and kernel efficiency weigh more than arithmetic at this size"
+            elif mac_ratio < 1.05:
+                word = "slower" if r < 0.95 else "not faster"
+                line = (f"{head}: {word} ({r:.2f}x). The layers keep their dense shapes, so zeros and shared weights run on the same "
+                        "dense kernels (masks alone never make a model faster); for speed remove whole channels (method `channel`), "
+                        "factorize (`svd`, `tucker`) or run very sparse layers with CSR (`netshrink.prune.sparse_exec`)")
+            else:
+                word = "slower" if r < 0.95 else "not faster"
+                line = (f"{head}: {word} ({r:.2f}x) despite {mac_ratio:.2f}x fewer MACs: at this batch size the time goes to "
+                        "per-layer overhead rather than arithmetic")
+            out.append(line + ".")
+        return out
+
+
+def measure_speed(baseline: nn.Module, compressed: nn.Module, example: torch.Tensor) -> Speed:
+    """Time the dense baseline and the compressed model in turns (:func:`netshrink.metrics.compare_latency`)."""
+    shape = tuple(example.shape[1:])
+    timed = metrics.compare_latency({"baseline": baseline, "compressed": compressed}, shape, batch_sizes=(1, 64), runs=20)
+    sizes = list(timed["baseline"])
+    return Speed(
+        batch_sizes=sizes,
+        baseline_ms=[timed["baseline"][b].median_ms for b in sizes],
+        compressed_ms=[timed["compressed"][b].median_ms for b in sizes],
+        threads=timed["baseline"][sizes[0]].threads,
+        macs_baseline=int(metrics.macs(baseline, example).dense),
+        macs_compressed=int(metrics.macs(compressed, example).dense),
+    )
 
 
 def _example_input(dataset) -> torch.Tensor:
@@ -235,9 +286,7 @@ def run_recipe(
 
     from .distill.finetune import freeze_teacher
 
-    baseline_teacher = (
-        freeze_teacher(copy.deepcopy(model)) if any(s.distill is not None and s.distill.teacher == "baseline" for s in recipe.stages) else None
-    )
+    baseline = freeze_teacher(copy.deepcopy(model))  # the teacher of `distill: {teacher: baseline}` and the speed reference
     coding = "fixed"
     snapshots: dict[str, dict[str, list[float]]] = {}
     stages = recipe.expanded()
@@ -257,7 +306,7 @@ def run_recipe(
             tuned = stage.finetune is not None and stage.finetune.epochs > 0
             teacher = None
             if tuned and stage.distill is not None:
-                teacher = baseline_teacher if stage.distill.teacher == "baseline" else freeze_teacher(copy.deepcopy(model))
+                teacher = baseline if stage.distill.teacher == "baseline" else freeze_teacher(copy.deepcopy(model))
             outcome = handler_for(stage.config)(model, stage.config, data=splits)
             if isinstance(outcome, CodingChoice):
                 coding = outcome.coding
@@ -284,8 +333,10 @@ def run_recipe(
         pack(model, model_path, coding=coding)
     else:
         atomic_write_bytes(model_path, last_file.read_bytes())
-    result = RunResult(rows, out_dir, model_path, model, snapshots)
-    atomic_write_text(out_dir / "results.json", json.dumps({"recipe": recipe.name, "rows": [dataclasses.asdict(r) for r in rows]}, indent=2))
+    speed = measure_speed(baseline, load_nsk(model_path), example)
+    result = RunResult(rows, out_dir, model_path, model, snapshots, speed=speed)
+    results = {"recipe": recipe.name, "rows": [dataclasses.asdict(r) for r in rows], "speed": dataclasses.asdict(speed)}
+    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2))
     from .run_report import write_run_report
 
     result.report_path = write_run_report(result, recipe)

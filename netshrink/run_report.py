@@ -115,6 +115,16 @@ def write_run_report(result: Any, recipe: Any) -> Path:
     streams = stream_rows(final)
     if streams:
         sections.append(("Coded streams against their entropy bound", markdown_table(STREAM_COLUMNS, streams)))
+    speed = getattr(result, "speed", None)
+    if speed is not None:
+        table = markdown_table(
+            ("model", "MACs", *[f"batch {b} (ms)" for b in speed.batch_sizes]),
+            [["dense baseline", f"{speed.macs_baseline:,}", *[f"{v:.3f}" for v in speed.baseline_ms]],
+             ["compressed (decoded model.nsk)", f"{speed.macs_compressed:,}", *[f"{v:.3f}" for v in speed.compressed_ms]]],
+        )
+        note = (f"Median latency in torch on this machine ({speed.threads} threads), the two models timed in turns in the "
+                "same run (`netshrink.metrics.compare_latency`).")
+        sections.append(("Speed", table + "\n\n" + note + "\n\n" + "\n".join(f"- {v}" for v in speed.verdicts())))
     weights = plot_weight_sharing(result.layer_snapshots, out / "weights.png")
     layers = [(t.name.rsplit(".", 1)[0], t.numel, t.nonzeros) for t in final.tensors if _is_layer_weight(t)]
     plot_sparsity(layers, out / "sparsity.png")

@@ -153,6 +153,19 @@ def test_sqnr_of_uniform_quantizer_grows_about_6db_per_bit():
     assert s8 - s6 == pytest.approx(2 * 6.02, abs=0.3)
 
 
+def test_compare_latency_times_every_model_in_turns():
+    from netshrink.metrics import compare_latency
+
+    small, wide = mlp(), mlp(hidden=(256, 256))
+    res = compare_latency({"small": small, "wide": wide}, (1, 8, 8), batch_sizes=(1, 8), runs=20, rounds=3, threads=1)
+    assert set(res) == {"small", "wide"} and all(set(r) == {1, 8} for r in res.values())
+    assert all(st.runs == 20 and st.threads == 1 for r in res.values() for st in r.values())
+    with pytest.raises(ConfigError, match="rounds"):
+        compare_latency({"small": small}, (1, 8, 8), rounds=0)
+    with pytest.raises(ConfigError, match="models"):
+        compare_latency({}, (1, 8, 8))
+
+
 def test_latency_reports_runs_and_threads():
     m = mlp().train()
     before = torch.get_num_threads()

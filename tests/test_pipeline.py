@@ -31,7 +31,27 @@ def test_end_to_end_rows_files_and_exact_round_trip(digits_recipe, tmp_path):
     assert all(s.coding == "huffman" for t in info.tensors for s in t.streams.values())
     for name in ("report.md", "results.json", "sparsity.png", "weights.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
-    assert json.loads((tmp_path / "out" / "results.json").read_text())["rows"][-1]["bytes"] == final.bytes
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["rows"][-1]["bytes"] == final.bytes
+    # masks and shared weights keep the dense shapes: same MACs, and the report says how fast it runs
+    speed = res.speed
+    assert speed.batch_sizes == [1, 64] and speed.macs_compressed == speed.macs_baseline
+    assert saved["speed"]["compressed_ms"] == speed.compressed_ms and min(speed.compressed_ms) > 0
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## Speed" in report and all(v in report for v in speed.verdicts())
+
+
+def test_speed_verdicts_say_why_a_model_is_not_faster():
+    from netshrink.pipeline import Speed
+
+    masked = Speed([1, 64], [1.0, 10.0], [1.0, 11.0], threads=2, macs_baseline=1000, macs_compressed=1000)
+    same, slower = masked.verdicts()
+    assert "not faster (1.00x)" in same and "dense kernels" in same
+    assert "slower (0.91x)" in slower
+    pruned = Speed([1, 64], [1.0, 10.0], [0.9, 2.5], threads=2, macs_baseline=4000, macs_compressed=1000)
+    b1, b64 = pruned.verdicts()
+    assert "1.11x" in b1 and "per-layer overhead" in b1 and "4.00x fewer MACs" in b1
+    assert "4.00x faster" in b64 and "below the MAC reduction" not in b64
 
 
 def test_interrupted_run_resumes_to_the_same_result(digits_recipe, tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ def test_channel_stage_in_a_recipe_shrinks_packs_and_resumes(digits_recipe, tmp_
     base, final = res.rows[0], res.rows[-1]
     assert final.params < 0.6 * base.params and final.macs_dense < 0.6 * base.macs_dense
     assert res.model.fc1.out_features == 24 and res.model.fc2.out_features == 12
+    assert res.speed.macs_compressed == final.macs_dense < res.speed.macs_baseline  # the decoded file is the small model
     loaded = load(res.model_path)
     assert loaded.fc2.in_features == 24
     again = run_recipe(recipe, tmp_path / "run", resume=True, progress=False)
