@@ -18,6 +18,7 @@ from .affine import (
 )
 from .affine import quantize as quantize_tensor
 from .binary import BinaryConfig, LowBitResult, TernaryConfig, binarize, ternarize
+from .bnn import BnnConfig, BnnResult, SignActivation
 from .fake import ActFakeQuant, WeightFakeQuant
 from .fixed_point import FixedPointConfig, FixedPointResult, fixed_point_step_, to_fixed
 from .kmeans import Codebook, KMeansConfig, ShareResult, kmeans_1d
@@ -40,6 +41,7 @@ from .ptq import (
     bias_correct_,
     calibrate_,
 )
+from .xnor import XnorLinear, to_xnor_
 
 
 def quantize_(model: nn.Module, config: BaseConfig, data: Any = None) -> Any:
@@ -84,3 +86,4 @@ __all__ += [
     "ternarize",
     "to_fixed",
 ]
+__all__ += ["BnnConfig", "BnnResult", "SignActivation", "XnorLinear", "to_xnor_"]
