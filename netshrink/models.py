@@ -379,3 +379,64 @@ def mlp_concat(in_features: int = 784, hidden: Sequence[int] = (256, 128), num_c
 __all__ += ["resnet_small", "resnet50", "vgg_small", "mobilenet_small", "mlp_concat", "ResNet", "BasicBlock", "Bottleneck",
             "VGGNet", "MobileNetSmall", "ConcatMLP"]
 
+
+class _AttentionBlock(nn.Module):
+    """A pre-norm transformer block: ``x + attn(LN x)``, then ``x + fc2(gelu(fc1(LN x)))``."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int | None, mlp: int):
+        super().__init__()
+        from .prune.structured.attention import GroupedQueryAttention  # lazy: the prune family imports late
+
+        self.mha = kv_heads is None  # nn.MultiheadAttention (called as attn(q, k, v)) or a grouped-query block
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True) if self.mha else GroupedQueryAttention(dim, heads, kv_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1, self.fc2 = nn.Linear(dim, mlp), nn.Linear(mlp, dim)
+
+    def forward(self, x):
+        h = self.norm1(x)
+        x = x + (self.attn(h, h, h, need_weights=False)[0] if self.mha else self.attn(h))
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.norm2(x))))
+
+
+class PatchTransformer(nn.Module):
+    """A small vision transformer: non-overlapping ``patch x patch`` patches -> Linear embedding +
+    learned position embedding -> ``depth`` pre-norm attention blocks -> LayerNorm -> mean over
+    patches -> Linear classifier (Dosovitskiy et al., ICLR 2021, without the class token)."""
+
+    def __init__(self, in_channels: int, num_classes: int, input_size: int, patch: int, dim: int, depth: int, heads: int,
+                 kv_heads: int | None, mlp: int):
+        super().__init__()
+        self.in_channels, self.patch, self.side = in_channels, patch, input_size // patch
+        self.embed = nn.Linear(in_channels * patch * patch, dim)
+        self.pos = nn.Parameter(torch.randn(1, self.side * self.side, dim) * 0.02)
+        self.blocks = nn.ModuleList(_AttentionBlock(dim, heads, kv_heads, mlp) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        n, p, s = x.shape[0], self.patch, self.side
+        x = x.reshape(n, self.in_channels, s, p, s, p).permute(0, 2, 4, 1, 3, 5).reshape(n, s * s, -1)
+        x = self.embed(x) + self.pos
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x).mean(1))
+
+
+@register_model("vit_tiny")
+def vit_tiny(in_channels: int = 1, num_classes: int = 10, input_size: int = 28, patch: int = 7, dim: int = 64, depth: int = 2,
+             heads: int = 8, kv_heads: int | None = None, mlp: int = 128) -> nn.Module:
+    """A small patch transformer for MNIST (16 patches of 7x7, width 64, 2 blocks of 8 heads): with
+    ``kv_heads`` None the blocks use ``nn.MultiheadAttention``, else grouped-query attention with
+    ``kv_heads`` key/value heads. See :class:`PatchTransformer`."""
+    for field, value in (("patch", patch), ("dim", dim), ("heads", heads), ("mlp", mlp), ("depth", depth)):
+        _positive(field, value)
+    if _positive("input_size", input_size) % patch:
+        raise ConfigError("model.args.patch", f"must divide input_size {input_size}, got {patch}")
+    if dim % heads or (kv_heads is not None and heads % _positive("kv_heads", kv_heads)):
+        raise ConfigError("model.args.heads", f"must divide dim {dim} and be a multiple of kv_heads {kv_heads}, got {heads}")
+    return PatchTransformer(_positive("in_channels", in_channels), _positive("num_classes", num_classes), input_size, patch,
+                            dim, depth, heads, kv_heads, mlp)
+
+
+__all__ += ["vit_tiny", "PatchTransformer"]

@@ -23,10 +23,18 @@ What the dependency graph handles (each row has a test in ``tests/prune/structur
 | ConvTranspose (groups 1)                                | in and out sliced                                | ``test_transposed_convolution...`` |
 | LayerNorm over the channels                             | exact mode: left unpruned, logged; ``approximate_layernorm``: sliced | ``test_layernorm_pruned_only...`` |
 | softmax / mean / sum over the channels, per-channel constants | channels pinned                            | ``test_a_per_channel_parameter...`` |
-| nn.MultiheadAttention, grouped-query attention (matmul) | left unpruned with a message; ``strict`` raises naming op and module | ``test_attention_is_left_unpruned...``, ``test_unsupported_op_in_strict_mode...`` |
+| nn.MultiheadAttention (batch_first or not, kdim/vdim)    | head-wise: q/k/v rows and out_proj columns of removed heads; becomes a ``HeadAttention``; input and output features sliced like a Linear's | ``test_attention.py``: ``test_multihead_attention_pruned_head_wise...``, ``test_cross_attention...``, zoo vit_tiny |
+| ``GroupedQueryAttention`` block (zoo, ``vit_tiny(kv_heads=...)``) | head-wise, groups kept consistent: ``gqa_heads: kv`` removes a key/value head with its query heads, ``query`` the same query heads of every group | ``test_grouped_query_attention_keeps_the_groups_consistent`` |
+| MHA whose attention weights are used, or with a 3-D (per-head) ``attn_mask`` | heads left unpruned, logged; features still sliced | ``test_used_weights_or_a_per_head_mask...`` |
+| MHA with ``add_bias_kv`` / ``add_zero_attn``            | left unpruned with a message; ``strict`` raises naming op and module | ``test_add_bias_kv_is_left_unpruned...``, ``test_unsupported_op_in_strict_mode...`` |
+| attention written with raw view / matmul / softmax ops  | left unpruned with a message; ``strict`` raises naming op and module | ``test_attention_written_with_raw_ops...``, ``test_unsupported_op_in_strict_mode...`` |
 | a model torch.fx cannot trace                           | ModelError naming the failing module             | ``test_untraceable_model...`` |
 
-Head-wise pruning of attention is not implemented: attention blocks are left unpruned.
+Attention is pruned head-wise (:mod:`.attention`): every head of an ``nn.MultiheadAttention``,
+``HeadAttention`` or ``GroupedQueryAttention`` is a class scored by the criterion over its q/k/v rows
+and output columns; ``head_ratio`` (default ``ratio``) of each layer's heads are removed, at least one
+head is kept, and removing every head is a :class:`ModelError`. Attention written with raw tensor ops
+in a user's own module is not recognized and stays unpruned.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from .channel import (
            structured_prune_,
            taylor_scores,
 )
+from .attention import GroupedQueryAttention, HeadAttention
 from .graph import ChannelGroup, DependencyGraph, trace
 from .slicing import remove_channels, zero_channels
 
@@ -49,6 +58,8 @@ __all__ = [
            "ChannelGroup",
            "ChannelResult",
            "DependencyGraph",
+           "GroupedQueryAttention",
+           "HeadAttention",
            "bn_scores",
            "channel_prune",
            "l1_scores",

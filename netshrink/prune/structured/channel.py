@@ -14,6 +14,14 @@ class's channels:
   ``s_c = mean_batches (Σ_{k∈c} g_k w_k)²`` over the weights, biases and BN scales/shifts of the
   channel (Molchanov, Mallya, Tyree, Frosio & Kautz, "Importance Estimation for Neural Network
   Pruning", CVPR 2019).
+
+Attention heads (:mod:`.attention`) are classes too, one group per attention layer, scored by the
+same criteria over every entry removed with the head — its rows of ``W_q, b_q, W_k, b_k, W_v, b_v``
+and its columns of ``W_o``: ``l1`` ``s_h = Σ |w|`` over them, ``taylor`` ``(Σ g w)²`` over them
+(Molchanov et al. 2019 score heads this way too; Michel et al. 2019 use ``|Σ g w|`` over the head
+mask); ``bn_scale`` falls back to ``l1``. ``head_ratio`` (default ``ratio``) is the fraction of each
+layer's heads removed, always per layer (``scope: global`` and ``threshold`` rank channels only),
+keeping at least one head.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from ..._registry import handler, register
 from ...config import BaseConfig, check_range
 from ...errors import ConfigError
 from .._criteria import at_least, device_of, eval_mode, iter_batches, loss_fn
+from .attention import ATTENTION_TYPES, head_sums
 from .graph import DependencyGraph
 from .reconstruct import reconstruct_
 from .slicing import remove_channels, zero_channels
@@ -50,7 +59,9 @@ class ChannelConfig(BaseConfig):
     ``reconstruct``: refit the layers that lost inputs by least squares on ``batches`` batches of
     data (He et al. 2017; :mod:`.reconstruct`). ``strict``: an op the graph does not handle raises
     instead of leaving its channels unpruned. ``input_shape``: one example's shape for tracing when
-    no data is given.
+    no data is given. ``head_ratio``: fraction of each attention layer's heads removed (default
+    ``ratio``); ``gqa_heads``: a grouped-query layer loses whole key/value groups (``kv``) or the same
+    query heads of every group (``query``).
     """
 
     ratio: float = 0.5
@@ -68,9 +79,13 @@ class ChannelConfig(BaseConfig):
     threshold: float | None = None
     reconstruct: bool = False
     ridge: float = 1e-4
+    head_ratio: float | None = None
+    gqa_heads: Literal["kv", "query"] = "kv"
 
     def validate(self) -> None:
         check_range("ratio", self.ratio, 0.0, 1.0, hi_open=True)
+        if self.head_ratio is not None:
+            check_range("head_ratio", self.head_ratio, 0.0, 1.0, hi_open=True)
         for name, r in self.layer_ratio.items():
             check_range(f"layer_ratio.{name}", r, 0.0, 1.0, hi_open=True)
         if self.scope == "global" and self.layer_ratio:
@@ -84,10 +99,10 @@ class ChannelConfig(BaseConfig):
             raise ConfigError("input_shape", f"must be a list of positive sizes (one example, no batch), got {self.input_shape}")
 
     def check_model(self, model: nn.Module) -> None:
-        names = {n for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))}
+        names = {n for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear) + ATTENTION_TYPES)}
         for key, where in [(n, "layer_ratio") for n in self.layer_ratio] + [(n, "layers") for n in self.layers or []]:
             if key not in names:
-                raise ConfigError(f"{where}.{key}", f"no convolution or linear layer {key!r} in the model")
+                raise ConfigError(f"{where}.{key}", f"no convolution, linear or attention layer {key!r} in the model")
 
 
 @dataclass
@@ -127,11 +142,24 @@ def _rows(graph: DependencyGraph, tensors: dict[str, dict[str, torch.Tensor]], k
     for name, use in graph.layers.items():
         if use.kind not in kinds or name not in tensors:
             continue
+        if use.kind == "attn":  # per query head, per key/value head, per output feature
+            q, kv, o = head_sums(graph.model.get_submodule(name), tensors[name])
+            for atoms, per in ((use.heads, q), (use.kv_heads, kv), (use.out_atoms, o)):
+                for i, a in enumerate(atoms):
+                    r = graph.find(a)
+                    out[r] = out.get(r, 0) + per[i]
+            continue
         for per_pos in tensors[name].values():
             for i, a in enumerate(use.out_atoms):
                 r = graph.find(a)
                 out[r] = out.get(r, 0) + per_pos[i]
     return out
+
+
+def _attn_tensors(model: nn.Module, graph: DependencyGraph, f: Any) -> dict[str, dict[str, torch.Tensor]]:
+    """``{attention layer: {parameter name: f(parameter)}}``."""
+    return {n: {pn: f(p) for pn, p in model.get_submodule(n).named_parameters()} for n, u in graph.layers.items()
+            if u.kind == "attn"}
 
 
 def _per_position(m: nn.Module, kind: str, t: torch.Tensor) -> torch.Tensor:
@@ -144,7 +172,8 @@ def l1_scores(model: nn.Module, graph: DependencyGraph) -> dict[int, float]:
     """``s_c = Σ_l ‖W_l[c]‖₁`` over the layers that produce class ``c`` (Li et al. 2017)."""
     tensors = {n: {"w": _per_position(model.get_submodule(n), u.kind, model.get_submodule(n).weight.detach().abs())}
                for n, u in graph.layers.items() if u.kind in ("conv", "gconv", "convT", "linear")}
-    return {r: float(v) for r, v in _rows(graph, tensors, {"conv", "gconv", "convT", "linear"}).items()}
+    tensors.update(_attn_tensors(model, graph, lambda p: p.detach().abs()))
+    return {r: float(v) for r, v in _rows(graph, tensors, {"conv", "gconv", "convT", "linear", "attn"}).items()}
 
 
 def bn_scores(model: nn.Module, graph: DependencyGraph) -> dict[int, float]:
@@ -170,6 +199,9 @@ def taylor_scores(model: nn.Module, graph: DependencyGraph, batches: Any, loss: 
     params: list[tuple[str, str, torch.Tensor]] = []
     for name, use in graph.layers.items():
         m = model.get_submodule(name)
+        if use.kind == "attn":
+            params += [(name, pname, p) for pname, p in m.named_parameters() if p.requires_grad]
+            continue
         for pname in ("weight", "bias"):
             p = getattr(m, pname, None)
             if isinstance(p, torch.Tensor) and p.requires_grad and use.kind != "prelu":
@@ -184,8 +216,13 @@ def taylor_scores(model: nn.Module, graph: DependencyGraph, batches: Any, loss: 
                 if g is None:
                     continue
                 kind = graph.layers[name].kind
-                acc.setdefault(name, {})[pname] = _per_position(None, kind, (g * p).detach())
-            per_class = _rows(graph, acc, {"conv", "gconv", "dwconv", "convT", "linear", "bn", "ln"})
+                gw = (g * p).detach()
+                acc.setdefault(name, {})[pname] = gw if kind == "attn" else _per_position(None, kind, gw)
+            for name, use in graph.layers.items():  # an unused bias (no gradient) contributes zero
+                if use.kind == "attn" and name in acc:
+                    for pname, p in model.get_submodule(name).named_parameters():
+                        acc[name].setdefault(pname, torch.zeros_like(p))
+            per_class = _rows(graph, acc, {"conv", "gconv", "dwconv", "convT", "linear", "bn", "ln", "attn"})
             for r, v in per_class.items():
                 sums[r] = sums.get(r, 0.0) + float(v) ** 2
             count += 1
@@ -199,9 +236,16 @@ def plan_removal(graph: DependencyGraph, scores: dict[int, float], config: Chann
     one of its layers) lowest-scored classes. ``scope: global``: the ``ratio`` lowest-scored of all
     chosen classes together (scores must be comparable across layers, as BN scales after slimming
     are). ``threshold``: every class scored below it. Each group keeps at least one class (its best);
-    groups none of whose producers is in ``layers`` are left alone."""
+    groups none of whose producers is in ``layers`` are left alone. Head groups (attention) always
+    lose their ``layer_ratio`` / ``head_ratio`` / ``ratio`` lowest-scored heads, per layer."""
     removed: set[int] = set()
     groups = [g for g in graph.groups if config.layers is None or set(g.producers) & set(config.layers)]
+    for g in [g for g in groups if g.kind == "heads"]:  # heads: always per layer, head_ratio
+        ratio = next((config.layer_ratio[p] for p in g.producers if p in config.layer_ratio),
+                     config.ratio if config.head_ratio is None else config.head_ratio)
+        k = min(int(ratio * g.size + 1e-9), g.size - 1)
+        removed.update(sorted(g.classes, key=lambda c: (scores.get(c, 0.0), c))[:max(k, 0)])
+    groups = [g for g in groups if g.kind != "heads"]
     if config.threshold is not None or config.scope == "global":
         pool = [(scores.get(c, 0.0), c) for g in groups for c in g.classes]
         if config.threshold is not None:
@@ -227,7 +271,7 @@ def channel_prune(model: nn.Module, config: ChannelConfig, data: Any = None) -> 
     """Build the dependency graph of ``model``, score, and remove (or, with ``mode: zero``, zero) the
     lowest-scored channels in place. Returns a :class:`ChannelResult`."""
     graph = DependencyGraph.build(model, example_inputs(model, config, data), strict=config.strict,
-                                  approximate_layernorm=config.approximate_layernorm)
+                                  approximate_layernorm=config.approximate_layernorm, gqa_heads=config.gqa_heads)
     if config.criterion == "l1":
         scores = l1_scores(model, graph)
     elif config.criterion == "bn_scale":

@@ -39,6 +39,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn import functional as F
 
 from ...errors import ModelError
+from .attention import ATTENTION_TYPES, GroupedQueryAttention, attn_shape, call_args, unsupported
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +86,14 @@ class LayerUse:
     channel dimension) and of its output channels (a depthwise conv's output atoms repeat its inputs')."""
 
     name: str
-    kind: str  # conv | gconv | dwconv | convT | linear | bn | ln | prelu
+    kind: str  # conv | gconv | dwconv | convT | linear | bn | ln | prelu | attn
     in_atoms: list[int]
     out_atoms: list[int]
+    # attention only: the atoms of the key and value inputs, one atom per query head and per key/value head
+    k_atoms: list[int] = field(default_factory=list)
+    v_atoms: list[int] = field(default_factory=list)
+    heads: list[int] = field(default_factory=list)
+    kv_heads: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -97,6 +103,7 @@ class ChannelGroup:
     producers: tuple[str, ...]
     classes: list[int]  # union-find roots, one per prunable channel
     members: dict[str, list[int]] = field(default_factory=dict)  # layer -> output positions of each class
+    kind: str = "channels"  # or "heads": the classes are attention heads (groups of heads) of one layer
 
     @property
     def size(self) -> int:
@@ -120,6 +127,9 @@ class _Tracer(fx.Tracer):
             raise
         finally:
             self.stack.pop()
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, ATTENTION_TYPES) or super().is_leaf_module(m, qualname)
 
     def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
         node = super().create_node(*args, **kwargs)
@@ -145,10 +155,12 @@ class DependencyGraph:
     """Build with :meth:`build`; holds the union-find over atoms, the layers to slice, the pinned
     classes (with reasons) and the prunable :class:`ChannelGroup`\\ s."""
 
-    def __init__(self, model: nn.Module, strict: bool = False, approximate_layernorm: bool = False):
+    def __init__(self, model: nn.Module, strict: bool = False, approximate_layernorm: bool = False,
+                 gqa_heads: str = "kv"):
         self.model = model
         self.strict = strict
         self.approx_ln = approximate_layernorm
+        self.gqa_heads = gqa_heads
         self.parent: list[int] = []
         self.pinned: dict[int, str] = {}  # atom -> reason
         self.layers: dict[str, LayerUse] = {}
@@ -190,10 +202,13 @@ class DependencyGraph:
     # ------------------------------------------------------------------ building
     @classmethod
     def build(cls, model: nn.Module, example_inputs: Sequence[torch.Tensor], *, strict: bool = False,
-              approximate_layernorm: bool = False) -> DependencyGraph:
+              approximate_layernorm: bool = False, gqa_heads: str = "kv") -> DependencyGraph:
         """Trace ``model``, propagate shapes on ``example_inputs`` (eval mode, no grad; the model's
-        modes are restored) and build the graph."""
-        g = cls(model, strict, approximate_layernorm)
+        modes are restored) and build the graph. ``gqa_heads``: how a grouped-query layer loses heads
+        (``kv``: a key/value head with its query heads; ``query``: the same query heads of every group)."""
+        if gqa_heads not in ("kv", "query"):
+            raise ModelError(f"gqa_heads must be 'kv' or 'query', got {gqa_heads!r}")
+        g = cls(model, strict, approximate_layernorm, gqa_heads)
         gm = trace(model)
         modes = [(m, m.training) for m in model.modules()]
         model.eval()
@@ -279,6 +294,8 @@ class DependencyGraph:
         x = args[0] if args else None
         in_shape = self._shape(node.args[0]) if node.args else None
         out_shape = self._shape(node)
+        if isinstance(m, ATTENTION_TYPES):
+            return self._attention(node, m, args, kwargs)
         if isinstance(m, nn.modules.conv._ConvNd) and in_shape is not None and len(in_shape) == m.weight.dim():
             cin = m.in_channels
             if isinstance(m, nn.modules.conv._ConvTransposeNd):
@@ -343,6 +360,51 @@ class DependencyGraph:
             return self._keep_dim(node, x, in_shape, out_shape, type(m).__name__)
         self._unknown(node, f"the module type {type(m).__name__}", [args, kwargs])
         return None
+
+    def _attention(self, node: fx.Node, m: nn.Module, args: tuple, kwargs: dict) -> Any:
+        """An attention layer: its inputs and outputs are channels as for a Linear; its heads are
+        classes of their own (one per head; with ``gqa_heads`` ``kv`` a key/value head and its query
+        heads, with ``query`` query head ``j`` of every group)."""
+        name, why = node.target, unsupported(m)
+        if why is not None:
+            self._unknown(node, why, [args, kwargs])
+            return None
+        a, env = call_args(m, node.args, node.kwargs), call_args(m, args, kwargs)  # fx nodes, tracked values
+        for mask in ("attn_mask", "key_padding_mask"):
+            self._pin_value(env.get(mask), f"used as the {mask} of {name!r}")
+        p, prev = attn_shape(m), self.layers.get(name)
+        ins = [self._atoms_at(env.get(k), self._shape(a[k]), len(self._shape(a[k])) - 1, "") for k in ("query", "key", "value")]
+        outs = prev.out_atoms if prev else self.new_atoms(p.out)
+        if prev:
+            heads, kv = prev.heads, prev.kv_heads
+            for old, new in zip((prev.in_atoms, prev.k_atoms, prev.v_atoms), ins):
+                self.union_lists(old, new)
+        else:
+            heads = self.new_atoms(p.heads)
+            g = p.heads // p.kv_heads
+            if g == 1:
+                kv = heads
+            elif self.gqa_heads == "kv":  # a key/value head goes with its query heads
+                kv = self.new_atoms(p.kv_heads)
+                for h in range(p.heads):
+                    self.union(heads[h], kv[h // g])
+            else:  # query head j of every group goes together; the key/value heads stay
+                kv = self.new_atoms(p.kv_heads, pin="key/value heads stay (gqa_heads: query)")
+                for h in range(g, p.heads):
+                    self.union(heads[h % g], heads[h])
+            self.layers[name] = LayerUse(name, "attn", ins[0], outs, ins[1], ins[2], heads, kv)
+        mask = self._shape(a.get("attn_mask"))
+        gqa = isinstance(m, GroupedQueryAttention)
+        weights_used = not gqa and a.get("need_weights", True) is not False and any(
+            not (u.op == "call_function" and u.target is operator.getitem and (u.args[1] == 0 or not u.users)) for u in node.users)
+        for reason in (["its attention weights are used"] if weights_used else []) + (
+                ["a per-head (3-D) attn_mask"] if mask is not None and len(mask) == 3 else []):
+            self.pin(heads + kv, f"{reason} ({name!r})")
+            msg = f"attention {name!r}: {reason}, so its heads stay unpruned"
+            self.messages.append(msg)
+            log.warning(msg)
+        out = TV(len(self._shape(a["query"])) - 1, outs)
+        return out if gqa else (out, None)
 
     # ------------------------------------------------------------------ functions and methods
     def _keep_dim(self, node: fx.Node, x: Any, in_shape: Any, out_shape: Any, what: str) -> Any:
@@ -532,16 +594,22 @@ class DependencyGraph:
     def _make_groups(self) -> None:
         bad = {self.find(a) for a in self.pinned}
         by_class: dict[int, set[str]] = {}
+        head_groups: list[ChannelGroup] = []
         for use in self.layers.values():
-            if use.kind in ("conv", "gconv", "convT", "linear"):
+            if use.kind in ("conv", "gconv", "convT", "linear", "attn"):
                 for a in use.out_atoms:
                     r = self.find(a)
                     if r not in bad:
                         by_class.setdefault(r, set()).add(use.name)
+            if use.kind == "attn":
+                classes = sorted({self.find(a) for a in use.heads + use.kv_heads} - bad)
+                if classes:
+                    head_groups.append(ChannelGroup((use.name,), classes, kind="heads"))
         grouped: dict[tuple[str, ...], list[int]] = {}
         for r, prods in by_class.items():
             grouped.setdefault(tuple(sorted(prods)), []).append(r)
         self.groups = [ChannelGroup(k, sorted(v)) for k, v in sorted(grouped.items(), key=lambda kv: min(kv[1]))]
+        self.groups += head_groups
 
     def roots(self, atoms: Sequence[int]) -> list[int]:
         return [self.find(a) for a in atoms]
@@ -549,7 +617,7 @@ class DependencyGraph:
     def summary(self) -> str:
         lines = [f"{len(self.groups)} prunable channel groups, {len(self.layers)} layers to slice"]
         for g in self.groups:
-            lines.append(f"  {g.size:5d} channels: {', '.join(g.producers)}")
+            lines.append(f"  {g.size:5d} {g.kind}: {', '.join(g.producers)}")
         return "\n".join(lines + [f"  note: {m}" for m in self.messages])
 
 

@@ -4,7 +4,8 @@
 the kept slices of its tensors (recorded as edits, :mod:`netshrink._modules`, so a zoo model packs and
 loads). :func:`zero_channels` keeps the shapes and zeroes everything that produces a removed channel —
 the rows and bias entries of the producing layers and of depthwise convolutions, and the BatchNorm /
-LayerNorm scale and shift — so the masked model computes exactly what the smaller one does whenever
+LayerNorm scale and shift, and an attention head's query/key/value rows and output columns
+(:mod:`.attention`) — so the masked model computes exactly what the smaller one does whenever
 the ops between layers map zero to zero (ReLU, pooling, sums, concatenation).
 """
 
@@ -18,7 +19,8 @@ from torch import nn
 from ..._modules import replace_module
 from ...errors import ModelError
 from .._mask import make_permanent
-from .graph import DependencyGraph
+from .attention import attn_shape, sliced_attention, zero_heads
+from .graph import DependencyGraph, LayerUse
 
 
 def kept_positions(graph: DependencyGraph, atoms: list[int], removed: set[int]) -> list[int]:
@@ -107,6 +109,9 @@ def remove_channels(model: nn.Module, graph: DependencyGraph, removed: Iterable[
     changes: dict[str, tuple[int, int]] = {}
     for name, use in graph.layers.items():
         m = model.get_submodule(name)
+        if use.kind == "attn":
+            changes.update(_remove_attention(model, m, graph, use, removed))
+            continue
         ins = kept_positions(graph, use.in_atoms, removed)
         outs = kept_positions(graph, use.out_atoms, removed)
         if len(ins) == len(use.in_atoms) and len(outs) == len(use.out_atoms):
@@ -121,6 +126,26 @@ def remove_channels(model: nn.Module, graph: DependencyGraph, removed: Iterable[
     return changes
 
 
+def _remove_attention(model: nn.Module, m: nn.Module, graph: DependencyGraph, use: LayerUse,
+                      removed: set[int]) -> dict[str, tuple[int, int]]:
+    """Slice one attention layer (heads, input and output features); its changes, with the heads
+    reported as ``"<layer>[heads]"``."""
+    keep = [kept_positions(graph, atoms, removed) for atoms in
+            (use.in_atoms, use.k_atoms, use.v_atoms, use.heads, use.kv_heads, use.out_atoms)]
+    if all(len(k) == len(a) for k, a in zip(keep, (use.in_atoms, use.k_atoms, use.v_atoms, use.heads, use.kv_heads,
+                                                    use.out_atoms))):
+        return {}
+    new = sliced_attention(m, use.name, *keep)
+    new.train(m.training)
+    replace_module(model, use.name, new)
+    changes = {}
+    if len(keep[5]) != len(use.out_atoms):
+        changes[use.name] = (len(use.out_atoms), len(keep[5]))
+    if len(keep[3]) != len(use.heads):
+        changes[f"{use.name}[heads]"] = (len(use.heads), len(keep[3]))
+    return changes
+
+
 @torch.no_grad()
 def zero_channels(model: nn.Module, graph: DependencyGraph, removed: Iterable[int]) -> None:
     """The masked twin: zero, in place, every parameter entry that produces a removed channel."""
@@ -128,6 +153,12 @@ def zero_channels(model: nn.Module, graph: DependencyGraph, removed: Iterable[in
     for name, use in graph.layers.items():
         m = model.get_submodule(name)
         gone = [i for i, a in enumerate(use.out_atoms) if graph.find(a) in removed]
+        if use.kind == "attn":
+            q_gone, kv_gone = ([i for i, a in enumerate(atoms) if graph.find(a) in removed] for atoms in (use.heads, use.kv_heads))
+            if len(q_gone) == attn_shape(m).heads:
+                raise ModelError(f"structured pruning would remove every head of {name!r}; lower the ratio")
+            zero_heads(m, q_gone, kv_gone, gone)
+            continue
         if not gone:
             continue
         idx = torch.tensor(gone, dtype=torch.long)
