@@ -34,6 +34,7 @@ checkpoint on every rank, so ``checkpoint_dir`` must be on a file system all nod
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -41,6 +42,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Literal, Mapping, Optional
 
@@ -82,6 +84,11 @@ class TrainConfig(BaseConfig):
       ``cosine``: ``lr * (1 + cos(pi * e / E)) / 2`` (annealing to 0, Loshchilov & Hutter, SGDR, 2017).
     - ``device``: ``"auto"`` picks CUDA when available. ``grad_clip``: max global L2 norm of the
       gradient, or None. ``progress``: a tqdm bar per epoch when stderr is a terminal.
+    - ``amp``: mixed precision, ``"bf16"`` or ``"fp16"``: the forward pass and the loss run under
+      :func:`torch.autocast` in that dtype (matmuls and convolutions in 16 bits, the weights and the
+      optimizer stay fp32; Micikevicius et al., "Mixed Precision Training", ICLR 2018); fp16 adds
+      dynamic loss scaling (:class:`torch.amp.GradScaler`, whose scale a checkpoint does not keep).
+      None (default): fp32.
     """
 
     epochs: int = 10
@@ -99,6 +106,7 @@ class TrainConfig(BaseConfig):
     num_workers: int = 0
     progress: bool = True
     grad_clip: Optional[float] = None
+    amp: Optional[Literal["bf16", "fp16"]] = None
 
     def validate(self) -> None:
         _at_least("epochs", self.epochs, 0)
@@ -135,7 +143,7 @@ def _positive(name: str, value: float) -> None:
 
 
 def _trajectory_fields(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    out = {k: v for k, v in cfg.items() if k not in _NOT_IN_FINGERPRINT}
+    out = {k: v for k, v in cfg.items() if k not in _NOT_IN_FINGERPRINT and not (k == "amp" and v is None)}
     if cfg.get("schedule") == "cosine":  # the cosine curve depends on the length of the run
         out["epochs"] = cfg.get("epochs")
     return out
@@ -238,6 +246,8 @@ class Trainer:
         self.distributed = distributed
         self.rank, self.world_size = 0, 1
         self._ddp: nn.Module | None = None
+        self._amp: dict[str, Any] | None = None
+        self._scaler: torch.amp.GradScaler | None = None
 
     @property
     def is_main(self) -> bool:
@@ -325,6 +335,8 @@ class Trainer:
             raise ModelError("the model has no parameter that requires grad: nothing to train")
         self.optimizer = self._build_optimizer(params)
         self.scheduler = self._build_scheduler(self.optimizer)
+        self._amp = _autocast_args(cfg.amp, self.device)
+        self._scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
 
         history: list[EpochStats] = []
         start = 0
@@ -459,19 +471,27 @@ class Trainer:
             x, y = _split_batch(batch)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
-            logits = forward(x)
-            loss = self.loss_fn(logits, y)
-            if self.extra_loss is not None:
-                loss = loss + self.extra_loss(model, x, y, logits)
+            with torch.autocast(**self._amp) if self._amp else contextlib.nullcontext():
+                logits = forward(x)
+                loss = self.loss_fn(logits, y)
+                if self.extra_loss is not None:
+                    loss = loss + self.extra_loss(model, x, y, logits)
+            loss = loss.float()
             n = int(y.shape[0]) if y.dim() > 0 else 1
+            scaled = loss
             if shards is not None:  # DDP averages gradients: weight this rank by its share of the batch
                 n, scale = shards.share(step)
-                (loss * scale).backward()
-            else:
-                loss.backward()
+                scaled = loss * scale
+            (self._scaler.scale(scaled) if self._scaler is not None else scaled).backward()
+            if self._scaler is not None and cfg.grad_clip is not None:
+                self._scaler.unscale_(self.optimizer)
             if cfg.grad_clip is not None:
                 nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            self.optimizer.step()
+            if self._scaler is not None:
+                self._scaler.step(self.optimizer)
+                self._scaler.update()
+            else:
+                self.optimizer.step()
             total += loss.detach().to(torch.float64) * n
             count += n
             if bar is not None and step % 10 == 0:
@@ -605,6 +625,24 @@ class ShardedBatchSampler(Sampler[list[int]]):
             batch = perm[start:start + self.batch_size]
             mine = batch[self.rank::self.world_size]
             yield mine if mine else batch[:1]
+
+
+def _autocast_args(amp: str | None, device: torch.device) -> dict[str, Any] | None:
+    """``torch.autocast`` arguments for ``amp`` on ``device`` (None: no autocast); a :class:`ConfigError`
+    naming ``amp`` when this torch build cannot autocast to that dtype there."""
+    if amp is None:
+        return None
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    with warnings.catch_warnings(record=True) as caught:  # torch warns, then disables, for an unsupported dtype
+        warnings.simplefilter("always")
+        try:
+            with torch.autocast(device.type, dtype=dtype):
+                enabled = torch.is_autocast_enabled(device.type)
+        except (RuntimeError, TypeError) as err:
+            raise ConfigError("amp", f"{amp} autocast is not supported on {device.type} by torch {torch.__version__}: {err}") from None
+    if not enabled or any("not supported" in str(w.message) for w in caught):
+        raise ConfigError("amp", f"{amp} autocast is not supported on {device.type} by torch {torch.__version__}")
+    return {"device_type": device.type, "dtype": dtype}
 
 
 def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -461,3 +461,43 @@ def test_config_round_trip_and_fingerprint():
     assert conf.fingerprint() != TrainConfig(**{**conf.to_dict(), "lr": 0.5}).fingerprint()
     cos = TrainConfig(schedule="cosine", epochs=4)
     assert cos.fingerprint() != TrainConfig(schedule="cosine", epochs=5).fingerprint()
+
+
+# ----------------------------------------------------------------------- mixed precision (amp)
+
+
+def test_amp_bf16_trains_on_cpu_with_the_forward_in_bf16(digits):
+    train, val = digits
+    model = mlp()
+    seen = []
+    model[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype) if m.training else None)
+    res = Trainer(model, cfg(epochs=4, amp="bf16")).fit(train, val)
+    assert res.history[-1].train_loss < 0.5 * res.history[0].train_loss
+    assert res.final_val_error is not None and res.final_val_error < 0.1
+    assert seen and set(seen) == {torch.bfloat16}  # autocast really ran the Linear in bf16
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+
+
+def test_amp_fp16_trains_or_says_clearly_why_not(digits):
+    train, val = digits
+    model = mlp()
+    try:
+        res = Trainer(model, cfg(epochs=3, amp="fp16")).fit(train, val)
+    except ConfigError as err:  # this torch cannot autocast to fp16 on CPU: a one-line error naming the field
+        assert err.field == "amp" and "fp16" in str(err) and "\n" not in str(err)
+        return
+    assert res.history[-1].train_loss < res.history[0].train_loss
+    assert res.final_val_error is not None and res.final_val_error < 0.2
+
+
+def test_amp_is_validated_and_kept_out_of_old_fingerprints():
+    with pytest.raises(ConfigError) as ei:
+        TrainConfig.from_dict({"amp": "fp8"})
+    assert ei.value.field == "amp"
+    with pytest.raises(ConfigError) as ei:
+        TrainConfig.from_dict({"amp": True})
+    assert ei.value.field == "amp"
+    plain = TrainConfig()
+    # amp unset: the fingerprint is the one of a config without the field (checkpoints written before it resume)
+    assert "amp" not in train_mod._trajectory_fields(plain.to_dict())
+    assert plain.fingerprint() != TrainConfig(amp="bf16").fingerprint()

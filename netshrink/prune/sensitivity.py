@@ -235,6 +235,49 @@ class Allocation:
         return 1.0 - self.kept / self.total if self.total else 0.0
 
 
+def knapsack_min(costs: Sequence[np.ndarray], values: Sequence[np.ndarray], capacity: float, resolution: int = 1_000_000) -> list[int]:
+    """The multiple-choice knapsack under :func:`allocate` (and the per-layer bits of
+    :mod:`netshrink.quantize.mixed`): one option ``j_g`` per group ``g``, minimising ``Σ values[g][j_g]``
+    subject to ``Σ costs[g][j_g] ≤ capacity``, costs non-negative integers. Exact DP over the costs
+    divided by their gcd; beyond ``resolution`` units, coarser units with every cost rounded up (the
+    answer still fits). Ties keep the lower option index. The caller checks that the cheapest option of
+    every group fits; a :class:`ConfigError` naming ``resolution`` when the units are too coarse for it."""
+    costs = [np.asarray(c, dtype=np.int64) for c in costs]
+    g = math.gcd(*[int(v) for c in costs for v in c]) or 1
+    units = [c // g for c in costs]
+    cap_units = int(math.floor(capacity / g + 1e-9))
+    if cap_units > resolution:  # too many units for an exact DP: coarser units, costs rounded up
+        unit = capacity / resolution
+        units = [np.ceil(c / unit - 1e-9).astype(np.int64) for c in costs]
+        cap_units = resolution
+    if sum(int(u.min()) for u in units) > cap_units:
+        raise ConfigError("resolution", f"too coarse for this budget; raise it above {resolution}")
+    inf = math.inf
+    dp = np.zeros(cap_units + 1)  # least value with at most c units used, no group placed yet
+    choices = []
+    for u_g, v_g in zip(units, values):
+        new = np.full(cap_units + 1, inf)
+        arg = np.full(cap_units + 1, -1, dtype=np.int64)
+        for j in range(len(u_g)):  # first options first: ties keep the earlier one
+            u = int(u_g[j])
+            if u > cap_units:
+                continue
+            cand = np.full(cap_units + 1, inf)
+            cand[u:] = dp[: cap_units + 1 - u] + float(v_g[j])
+            better = cand < new
+            new[better] = cand[better]
+            arg[better] = j
+        dp = new
+        choices.append(arg)
+    c = cap_units
+    picked = []
+    for u_g, arg in zip(reversed(units), reversed(choices)):
+        j = int(arg[c])
+        picked.append(j)
+        c -= int(u_g[j])
+    return picked[::-1]
+
+
 def allocate(
     curves: SensitivityCurves,
     sparsity: float,
@@ -261,39 +304,8 @@ def allocate(
         top = 1.0 - least / total
         raise ConfigError("sparsity", f"budget cannot be met: the sparsest grid point of every layer removes {top:.4f} of the {budget}, "
                           f"less than {sparsity}; extend the grid or lower the target")
-    g = math.gcd(*[int(v) for c in cost.values() for v in c]) or 1
-    units = {n: c // g for n, c in cost.items()}
-    capacity = int(math.floor(cap / g + 1e-9))
-    if capacity > resolution:  # too many units for an exact DP: coarser units, costs rounded up
-        unit = cap / resolution
-        units = {n: np.ceil(c / unit - 1e-9).astype(np.int64) for n, c in cost.items()}
-        capacity = resolution
-    if sum(int(u.min()) for u in units.values()) > capacity:
-        raise ConfigError("resolution", f"too coarse for this budget; raise it above {resolution}")
-    resolution = capacity
-    inf = math.inf
-    dp = np.zeros(resolution + 1)  # least rise with at most c units used, no layer placed yet
-    choices = []
-    for n in names:
-        new = np.full(resolution + 1, inf)
-        arg = np.full(resolution + 1, -1, dtype=np.int64)
-        for j in range(len(curves.sparsities)):  # densest first: ties keep the denser choice
-            u = int(units[n][j])
-            if u > resolution:
-                continue
-            cand = np.full(resolution + 1, inf)
-            cand[u:] = dp[: resolution + 1 - u] + rise[n][j]
-            better = cand < new
-            new[better] = cand[better]
-            arg[better] = j
-        dp = new
-        choices.append(arg)
-    c = resolution
-    picked: dict[str, int] = {}
-    for n, arg in zip(reversed(names), reversed(choices)):
-        j = int(arg[c])
-        picked[n] = j
-        c -= int(units[n][j])
+    choice = knapsack_min([cost[n] for n in names], [rise[n] for n in names], cap, resolution)
+    picked = dict(zip(names, choice))
     layer_sparsity = {n: curves.sparsities[picked[n]] for n in names}
     kept = float(sum(int(cost[n][picked[n]]) for n in names))
     predicted = float(sum(rise[n][picked[n]] for n in names))
@@ -382,6 +394,7 @@ __all__ = [
     "evaluate",
     "Allocation",
     "allocate",
+    "knapsack_min",
     "AutoSparsityConfig",
     "AutoSparsityResult",
     "auto_sparsity_prune",

@@ -22,6 +22,7 @@ from .bnn import BnnConfig, BnnResult, SignActivation
 from .fake import ActFakeQuant, WeightFakeQuant
 from .fixed_point import FixedPointConfig, FixedPointResult, fixed_point_step_, to_fixed
 from .kmeans import Codebook, KMeansConfig, ShareResult, kmeans_1d
+from .mixed import MixedPrecisionConfig, MixedPrecisionResult
 from .observers import (
     MinMaxObserver,
     MSEObserver,
@@ -60,6 +61,8 @@ __all__ += [
     "FixedPointResult",
     "Int8Config",
     "LowBitResult",
+    "MixedPrecisionConfig",
+    "MixedPrecisionResult",
     "MSEObserver",
     "MinMaxObserver",
     "PercentileObserver",
