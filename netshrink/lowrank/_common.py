@@ -80,6 +80,21 @@ def _inside_replaced(model: nn.Module) -> Callable[[str], bool]:
     return lambda name: any(name.startswith(r + ".") for r in roots)
 
 
+def _check_not_weightless(model: nn.Module, patterns: list[str] | None, method: str) -> None:
+    """A pattern that names no weight layer but some other module (a BatchNorm, a pooling layer) is a
+    :class:`ConfigError` that says what that module is (not "no layer named ...": the module exists)."""
+    if patterns is None:
+        return
+    weights = weight_layers(model)
+    for i, pat in enumerate(patterns):
+        if any(fnmatch.fnmatchcase(n, pat) for n in weights):
+            continue
+        hit = next(((n, m) for n, m in model.named_modules() if n and fnmatch.fnmatchcase(n, pat)), None)
+        if hit is not None:
+            raise ConfigError(f"layers[{i}]", f"{method} does not apply to {hit[0]!r}: it is a {type(hit[1]).__name__}, "
+                                              "not a Linear or Conv layer")
+
+
 def target_layers(
     model: nn.Module, patterns: list[str] | None, method: str, reason: Callable[[nn.Module], str | None]
 ) -> dict[str, nn.Module]:
@@ -89,6 +104,7 @@ def target_layers(
     apply, else a :class:`ConfigError` naming it; a pattern matching nothing is an error there too.
     Without, every layer it applies to, leaving out the insides of modules already replaced.
     """
+    _check_not_weightless(model, patterns, method)
     if patterns is None:
         inside = _inside_replaced(model)
         chosen = {n: m for n, m in weight_layers(model).items() if not inside(n) and reason(m) is None}

@@ -184,8 +184,14 @@ def _candidates(layer: nn.Module, levels: list[float], pos: tuple[float, float],
 
 
 def _loss(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    with torch.no_grad():
-        return sum(float(nn.functional.cross_entropy(model(x), y)) for x, y in batches) / len(batches)
+    """The mean loss in eval mode (scoring must not move BatchNorm's running statistics)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return sum(float(nn.functional.cross_entropy(model(x), y)) for x, y in batches) / len(batches)
+    finally:
+        model.train(was_training)
 
 
 def allocate(candidates: dict[str, list[Candidate]], fixed_cost: float, budget: float) -> dict[str, Candidate] | None:
