@@ -318,3 +318,16 @@ def test_pruned_vit_tiny_packs_and_loads(kv_heads, tmp_path):
     kind = HeadAttention if kv_heads is None else GroupedQueryAttention
     assert type(loaded.blocks[1].attn) is kind and loaded.blocks[1].attn.num_heads == 2
     assert kv_heads is None or loaded.blocks[1].attn.num_kv_heads == 1
+
+
+def test_pruned_attention_exports_to_onnx(tmp_path):
+    from netshrink.export import export_onnx, ort_predict, ort_session
+
+    torch.manual_seed(0)
+    model = randomize(build_model("vit_tiny", dim=32, heads=4, kv_heads=2, mlp=64)).eval()
+    prune_(model, ChannelConfig(ratio=0.5, gqa_heads="query", input_shape=[1, 28, 28]))
+    assert (model.blocks[0].attn.num_heads, model.blocks[0].attn.num_kv_heads) == (2, 2)
+    export_onnx(model, tmp_path / "m.onnx", (1, 28, 28))
+    x = torch.randn(3, 1, 28, 28, generator=gen())
+    with torch.no_grad():
+        assert abs(ort_predict(ort_session(tmp_path / "m.onnx"), x.numpy()) - model(x).numpy()).max() <= 1e-5
