@@ -14,7 +14,11 @@ channels together merge atoms into one class (union-find):
   each atom over its block of features (flatten -> linear);
 - ``permute`` / ``transpose`` / ``unsqueeze`` move the tracked dimension; spatial reductions,
   pooling and ``interpolate`` keep it;
-- grouped convolutions tie channel ``i`` of every group together (all groups pruned alike).
+- grouped convolutions tie channel ``i`` of every group together (all groups pruned alike);
+- an attention layer (``nn.MultiheadAttention``, :class:`HeadAttention`, :class:`GroupedQueryAttention`;
+  a leaf of the trace) consumes and produces channels like a Linear, and each of its heads (with
+  grouped-query attention: each key/value group, or query head ``j`` of every group) is an atom of
+  its own: a group of kind ``heads`` per layer (:mod:`.attention`).
 
 A class is *pinned* (never removed) when any of its atoms reaches the model output, an op that
 mixes channels (softmax / mean over channels, matmul), a hard-coded size in ``view``/``reshape``, an
