@@ -127,6 +127,15 @@ class TrainConfig(BaseConfig):
         if self.grad_clip is not None:
             _positive("grad_clip", self.grad_clip)
 
+    def to_dict(self) -> dict[str, Any]:
+        """As :meth:`BaseConfig.to_dict`, without ``amp`` when it is None, so that the dicts (and the keys
+        hashed from them: checkpoint fingerprints, cached baselines) of fp32 configs are those written
+        before the field existed."""
+        out = super().to_dict()
+        if out.get("amp") is None:
+            out.pop("amp", None)
+        return out
+
     def fingerprint(self) -> str:
         """Hash of the fields that shape the trajectory (``epochs`` too, for the cosine schedule)."""
         return hashlib.sha256(json.dumps(_trajectory_fields(self.to_dict()), sort_keys=True).encode()).hexdigest()[:16]

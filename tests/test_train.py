@@ -498,6 +498,7 @@ def test_amp_is_validated_and_kept_out_of_old_fingerprints():
         TrainConfig.from_dict({"amp": True})
     assert ei.value.field == "amp"
     plain = TrainConfig()
-    # amp unset: the fingerprint is the one of a config without the field (checkpoints written before it resume)
-    assert "amp" not in train_mod._trajectory_fields(plain.to_dict())
+    # amp unset: the fingerprint is the one of a config without the field (checkpoints and cached baselines written before it stay valid)
+    assert "amp" not in plain.to_dict() and "amp" not in train_mod._trajectory_fields(plain.to_dict())
+    assert TrainConfig.from_dict(TrainConfig(amp="bf16").to_dict()).amp == "bf16"
     assert plain.fingerprint() != TrainConfig(amp="bf16").fingerprint()
