@@ -11,8 +11,8 @@ per row instead of ``4 n``.
 
 :class:`XnorLinear` holds the packed sign bits of a binarized ``nn.Linear`` (uint64 words, kept in an
 int64 buffer), ``α`` per row and the bias; its forward packs ``sign(x)`` (any float input is binarized)
-and computes the popcounts with numpy's ``bitwise_count`` (numpy >= 2.0), in chunks of output rows so
-that the XOR temporary stays in cache. The integer dot products are exact, so the output equals the
+and computes the popcounts with numpy's ``bitwise_count`` (numpy >= 2.0): one XOR, popcount and add per
+64-bit word over a cache-sized block of (batch, output rows). The integer dot products are exact, so the output equals the
 float computation ``α ⊙ (sign(x) @ sign(W)ᵀ) + b`` bit for bit (the same float32 multiply and add).
 It also equals the binarized ``nn.Linear`` itself bit for bit when ``α = 1`` (the BNN paper's weights)
 and the layer has no bias (a BN follows): sums of ±1 are exact in float32 for ``n < 2^24``. With another
@@ -40,8 +40,8 @@ from .bnn import SignActivation
 log = logging.getLogger("netshrink.quantize")
 
 WORD_BITS = 64
-#: elements of the (batch, rows, words) XOR temporary per chunk: 2^15 words = 256 KiB
-CHUNK_WORDS = 1 << 15
+#: words of the (batch, rows) XOR block per chunk of output rows: 2^16 words = 512 KiB
+CHUNK_WORDS = 1 << 16
 #: modules skipped when looking for the module that feeds a layer in a Sequential
 _TRANSPARENT = (nn.Flatten, nn.Dropout, nn.Identity)
 
@@ -68,22 +68,34 @@ def xnor_dot(xbits: np.ndarray, wbits: np.ndarray, n: int) -> np.ndarray:
     vectors: ``n - 2 popcount(x XOR w)``. Padding bits are 0 on both sides, so they never count."""
     if xbits.ndim != 2 or wbits.ndim != 2 or xbits.shape[1] != wbits.shape[1]:
         raise ModelError(f"xnor_dot: packed shapes {xbits.shape} and {wbits.shape} do not match")
+    return xnor_dot_t(xbits, np.ascontiguousarray(wbits.T), n)
+
+
+def xnor_dot_t(xbits: np.ndarray, wbits_t: np.ndarray, n: int) -> np.ndarray:
+    """:func:`xnor_dot` with the weight words word-major, ``(words, O)``: for each word ``j`` one pass
+    ``acc += popcount(x[:, j] XOR w[j, :])`` over a ``(B, rows)`` block (rows chunked so the block stays
+    in cache); no reduction over a short axis, which is what makes numpy slow."""
+    if xbits.ndim != 2 or wbits_t.ndim != 2 or xbits.shape[1] != wbits_t.shape[0]:
+        raise ModelError(f"xnor_dot: packed shapes {xbits.shape} and {wbits_t.shape} (word-major) do not match")
     batch, words = xbits.shape
-    rows = wbits.shape[0]
+    rows = wbits_t.shape[1]
     out = np.empty((batch, rows), dtype=np.int32)
     if batch == 0 or rows == 0:
         return out
-    chunk = max(1, min(rows, CHUNK_WORDS // max(1, batch * words)))
-    tmp = np.empty((batch, chunk, words), dtype=np.uint64)
-    cnt = np.empty((batch, chunk, words), dtype=np.uint8)
-    xb = xbits[:, None, :]
+    acc_t = np.uint16 if n < (1 << 16) else np.uint32
+    chunk = max(1, min(rows, CHUNK_WORDS // batch))
+    tmp = np.empty((batch, chunk), dtype=np.uint64)
+    cnt = np.empty((batch, chunk), dtype=np.uint8)
+    acc = np.empty((batch, chunk), dtype=acc_t)
     for r0 in range(0, rows, chunk):
         r1 = min(rows, r0 + chunk)
-        t, c = tmp[:, : r1 - r0], cnt[:, : r1 - r0]
-        np.bitwise_xor(xb, wbits[None, r0:r1], out=t)
-        np.bitwise_count(t, out=c)
-        pc = c.sum(axis=-1, dtype=np.int32)
-        np.subtract(n, 2 * pc, out=out[:, r0:r1])
+        t, c, a = tmp[:, : r1 - r0], cnt[:, : r1 - r0], acc[:, : r1 - r0]
+        a.fill(0)
+        for j in range(words):
+            np.bitwise_xor(xbits[:, j, None], wbits_t[None, j, r0:r1], out=t)
+            np.bitwise_count(t, out=c)
+            np.add(a, c, out=a)
+        np.subtract(n, 2 * a.astype(np.int32), out=out[:, r0:r1])
     return out
 
 
@@ -107,7 +119,7 @@ def _binary_rows(layer: nn.Linear, where: str) -> tuple[torch.Tensor, torch.Tens
 class XnorLinear(nn.Module):
     """Inference form of a binarized Linear: ``y = α ⊙ (n - 2 popcount(bits(sign x) XOR bits(W))) + b``.
 
-    Buffers: ``weight_bits`` ``(out, ceil(in / 64))`` (int64 storage of uint64 words), ``alpha`` ``(out,)``,
+    Buffers: ``weight_bits`` ``(ceil(in / 64), out)`` (int64 storage of uint64 words, word-major), ``alpha`` ``(out,)``,
     ``bias`` ``(out,)`` or None. Inputs are float ``(..., in_features)``; any value is binarized by sign.
     """
 
@@ -117,7 +129,7 @@ class XnorLinear(nn.Module):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(name, f"must be a positive integer, got {v!r}")
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight_bits", torch.zeros(out_features, words_for(in_features), dtype=torch.int64))
+        self.register_buffer("weight_bits", torch.zeros(words_for(in_features), out_features, dtype=torch.int64))
         self.register_buffer("alpha", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
@@ -131,21 +143,24 @@ class XnorLinear(nn.Module):
         new = cls(layer.in_features, layer.out_features, layer.bias is not None)
         words = pack_signs(torch.where(neg, -1.0, 1.0))
         with torch.no_grad():
-            new.weight_bits.copy_(torch.from_numpy(words.view(np.int64)))
+            new.weight_bits.copy_(torch.from_numpy(np.ascontiguousarray(words.T).view(np.int64)))
             new.alpha.copy_(alpha)
             if layer.bias is not None:
                 new.bias.copy_(layer.bias.detach().to(torch.float32).cpu())
         return new
 
     def packed_weight(self) -> np.ndarray:
-        """The sign bits as uint64 words (a view of ``weight_bits``)."""
+        """The sign bits as ``(out, words)`` uint64 words (row-major, as :func:`pack_signs` gives them)."""
+        return np.ascontiguousarray(self._words_t().T)
+
+    def _words_t(self) -> np.ndarray:
         return self.weight_bits.detach().cpu().numpy().view(np.uint64)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ModelError(f"XnorLinear: expected inputs of shape (..., {self.in_features}), got {tuple(x.shape)}")
         lead = x.shape[:-1]
-        k = xnor_dot(pack_signs(x.reshape(-1, self.in_features)), self.packed_weight(), self.in_features)
+        k = xnor_dot_t(pack_signs(x.reshape(-1, self.in_features)), self._words_t(), self.in_features)
         y = torch.from_numpy(k).to(torch.float32) * self.alpha
         if self.bias is not None:
             y = y + self.bias
@@ -210,4 +225,4 @@ def to_xnor_(model: nn.Module, layers: list[str] | None = None) -> dict[str, Xno
     return new
 
 
-__all__ = ["XnorLinear", "pack_signs", "reference_forward", "to_xnor_", "words_for", "xnor_dot"]
+__all__ = ["XnorLinear", "pack_signs", "reference_forward", "to_xnor_", "words_for", "xnor_dot", "xnor_dot_t"]

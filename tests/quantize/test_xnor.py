@@ -49,7 +49,8 @@ def test_xnor_linear_equals_the_float_binarized_layer_exactly():
     # the float layer sums +-alpha terms: equal up to float32 summation rounding only
     assert torch.allclose(y, float_layer, rtol=1e-5, atol=1e-5)
     assert xl(x[0]).shape == (37,) and torch.equal(xl(x.reshape(1, 11, 200))[0], y)
-    assert xl.weight_bits.shape == (37, 4) and xl.weight_bits.dtype == torch.int64
+    assert xl.weight_bits.shape == (4, 37) and xl.weight_bits.dtype == torch.int64
+    assert np.array_equal(xl.packed_weight(), pack_signs(lin.weight.detach()))
 
 
 def test_xnor_linear_is_bit_exact_on_the_paper_bnn_layer():
