@@ -135,3 +135,22 @@ def test_mixed_and_uniform_share_the_quantizer(trained):
     quantize_(b, UniformConfig(bits=4, activations=False))
     x = splits.test.tensors[0][:32]
     assert torch.equal(a(x), b(x))
+
+
+def test_a_recipe_stage_allocates_fine_tunes_and_packs_at_the_chosen_bits(digits_recipe, tmp_path):
+    from netshrink.pack import load as load_nsk
+    from netshrink.pipeline import run_recipe
+    from netshrink.recipe import parse_recipe
+
+    digits_recipe["stages"] = [
+        {"method": "mixed_precision", "avg_bits": 3, "samples": 270,
+         "finetune": {"epochs": 1, "lr": 0.01, "batch_size": 32, "progress": False}},
+    ]
+    res = run_recipe(parse_recipe(digits_recipe), tmp_path / "out", progress=False)
+    assert res.rows[-1].test_error < 0.3
+    info = read_info(res.model_path)
+    widths = {t.name: t.streams["codes"].bits for t in info.tensors if t.encoding == "affine"}
+    assert set(widths) == {"fc1.weight", "fc2.weight", "fc3.weight"} and set(widths.values()) <= {2, 3, 4, 6, 8}
+    x = digits().test.tensors[0][:64]
+    res.model.eval()
+    assert torch.equal(load_nsk(res.model_path)(x), res.model(x))
