@@ -160,3 +160,21 @@ def test_bnn_on_an_already_binary_model_is_refused():
     with pytest.raises(ModelError, match="already quantized"):
         quantize_(model, BnnConfig())
     assert isinstance(model.relu1, nn.ReLU)
+
+
+def test_bnn_recipe_runs_end_to_end_and_packs_one_bit_weights(digits_recipe, tmp_path):
+    from netshrink.pipeline import run_recipe
+
+    recipe = dict(digits_recipe, name="digits-bnn", model="mlp_bn", model_args={"in_features": 64, "hidden": [64, 64]},
+                  train={"epochs": 3, "optimizer": "adam", "lr": 0.01, "batch_size": 32, "progress": False},
+                  stages=[{"method": "bnn", "finetune": {"epochs": 3, "optimizer": "adam", "lr": 0.01, "batch_size": 32, "progress": False}},
+                          {"method": "huffman"}])
+    res = run_recipe(parse_recipe(recipe), tmp_path / "out", progress=False)
+    assert [r.method for r in res.rows] == ["baseline", "bnn", "huffman"]
+    assert res.rows[-1].test_error < 0.3
+    info = read_info(res.model_path)
+    assert {t.name for t in info.tensors if t.encoding == "binary"} == {"fc1.weight", "fc2.weight", "fc3.weight"}
+    x = load_dataset("digits").test.tensors[0][:64]
+    res.model.eval()
+    with torch.no_grad():
+        assert torch.equal(load(res.model_path).eval()(x), res.model(x))
