@@ -288,7 +288,8 @@ def binary(work: Path, results: Path, *, resume: bool, machine: list[str]) -> li
     torch.set_num_threads(THREADS)
     try:
         x = splits.test.tensors[0]
-        whole = {b: _interleaved(lambda: deployed(x[:b]), lambda: xn(x[:b])) for b in BATCHES}
+        with torch.no_grad():
+            whole = {b: _interleaved(lambda: deployed(x[:b]), lambda: xn(x[:b])) for b in BATCHES}
     finally:
         torch.set_num_threads(before)
     bnn_err = out["bnn"][3]
