@@ -301,6 +301,8 @@ def binary(work: Path, results: Path, *, resume: bool, machine: list[str]) -> li
         return "XNOR faster" if r > 1.0 else "float faster"
 
     win_lines = [f"- {n}x{n}, batch {b}: XNOR layer {r:.2f}x ({verdict(r)}); kernel only {rk:.2f}x ({verdict(rk)})" for (n, b), (r, rk) in wins.items()]
+    won = ", ".join(f"{n}x{n} at batch {b} ({r:.2f}x)" for (n, b), (r, _) in wins.items() if r > 1.0)
+    lost = ", ".join(f"{n}x{n} at batch {b} ({r:.2f}x)" for (n, b), (r, _) in wins.items() if r <= 1.0)
     total = time.perf_counter() - t_start
     doc = [
         "# Binary and ternary networks: BinaryConnect, BNN, XNOR–popcount, TWN",
@@ -312,7 +314,7 @@ def binary(work: Path, results: Path, *, resume: bool, machine: list[str]) -> li
         "## XNOR–popcount Linear against torch fp32",
         "",
         f"One n x n binarized Linear (XNOR-Net α per row, bias), inputs ±1. torch fp32 `nn.Linear` with the same ±α weights against "
-        f"`XnorLinear` (sign bits in uint64 words, `np.bitwise_count`, chunks of output rows); **{THREADS} thread** for torch "
+        f"`XnorLinear` (sign bits in uint64 words; per word one XOR, `np.bitwise_count` and add over a cache-sized block); **{THREADS} thread** for torch "
         f"(numpy's ufuncs are single-threaded), {PAIRS} alternating pairs after 3 warm-ups, speedup = median per-pair ratio "
         "fp32 / XNOR. 'XNOR layer' is the whole forward from a float input (packing the signs, popcounts, α and bias); "
         "'kernel only' takes pre-packed inputs (what a chain of binary layers would pass on) and returns the integer dot products.",
@@ -321,16 +323,18 @@ def binary(work: Path, results: Path, *, resume: bool, machine: list[str]) -> li
         "",
         *win_lines,
         "",
-        "Where it wins and where not: at batch 1 the fp32 layer is a matrix-vector product bound by reading 4n² bytes of weights; "
-        "the packed weights are 32x smaller, so XNOR wins. At batch 64 the fp32 GEMM reuses each weight 64 times at full SIMD "
-        "FMA throughput, while numpy runs XOR, popcount and the row sums as separate passes over a (batch, rows, words) "
-        "temporary: each word op is cheap but the passes are memory-bound, so fp32 BLAS wins at batch 64 here. A fused kernel "
-        "(XOR+popcount accumulated in registers, e.g. AVX-512 VPOPCNTQ) is what the 64x fewer word operations would need.",
+        f"Where XNOR wins (whole layer from a float input): {won or 'nowhere in this grid'}; where fp32 wins: {lost or 'nowhere in this grid'}. "
+        "At batch 1 the fp32 layer is a matrix-vector product bound by reading 4n² bytes of weights, and the packed weights "
+        "are 32x smaller. At batch 64 fp32 GEMM reuses each weight 64 times at full SIMD FMA throughput, while numpy makes "
+        "three passes (XOR, popcount, add) over a (batch, rows) block per 64-bit word: 64x fewer operations than the "
+        "MACs, but each a separate memory pass and a Python-level call. At small n the fixed cost of packing the input signs "
+        "and of n/64 x 3 ufunc calls weighs most. A fused kernel (XOR and popcount accumulated in registers, "
+        "e.g. AVX-512 VPOPCNTQ) would remove the passes.",
         "",
         "## MLPs on MNIST: BinaryConnect and BNN",
         "",
         f"Trained from scratch on the 50,000 training images (validation: the 10,000 held out; test reported once), torch "
-        f"{threads_train} threads. Few epochs, not the papers' hundreds (CPU budget): the gap to the papers is mostly that. "
+        f"{threads_train} thread(s). Few epochs, not the papers' hundreds (CPU budget): the gap to the papers is mostly that. "
         f"The BNN is {len(BNN_HIDDEN)}x{BNN_HIDDEN[0]}, smaller than the paper's 3x2048 / 3x4096; it is compared with the 3x2048 row. "
         "Weights ±1 (α = 1; BN after every layer), the real-valued weights clipped to [-1, 1] after each update; the loss is "
         "cross-entropy (the papers use a square hinge loss). Test error is measured with binary weights (the deterministic sign "
