@@ -502,3 +502,11 @@ def test_amp_is_validated_and_kept_out_of_old_fingerprints():
     assert "amp" not in plain.to_dict() and "amp" not in train_mod._trajectory_fields(plain.to_dict())
     assert TrainConfig.from_dict(TrainConfig(amp="bf16").to_dict()).amp == "bf16"
     assert plain.fingerprint() != TrainConfig(amp="bf16").fingerprint()
+
+
+def test_amp_unsupported_by_this_torch_is_a_one_line_config_error(monkeypatch, digits):
+    # older torch builds warn and disable CPU autocast for an unsupported dtype: simulate that
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *a: False)
+    with pytest.raises(ConfigError) as ei:
+        Trainer(mlp(), cfg(epochs=1, amp="fp16")).fit(digits[0])
+    assert ei.value.field == "amp" and "fp16" in str(ei.value) and "\n" not in str(ei.value)
