@@ -221,7 +221,7 @@ def _mlp_section(splits, work: Path, resume: bool) -> tuple[list[str], list[Summ
         paper_key = label if label in PAPER else ("BNN 3x2048" if BNN_HIDDEN[0] <= 2048 else "BNN 3x4096")
         paper = PAPER[paper_key]
         table.append([label, f"784-{'-'.join(map(str, hidden))}-10 + BN", f"{meta['epochs']} ({tcfg.optimizer}, lr {tcfg.lr:g}, {tcfg.schedule})",
-                      f"{meta['wall_s']:.0f} s (load {meta['load_before']} → {meta['load_after']})", _pct(val), _pct(err),
+                      f"{meta['wall_s']:.0f} s (load {meta['load_before']} → {meta['load_after']}){', cached run' if meta.get('cached') else ''}", _pct(val), _pct(err),
                       f"{_pct(paper)} ({paper_key})", f"{100 * (err - paper):+.2f}", "yes" if same else "NO"])
         if key == "bnn":
             xn = copy.deepcopy(deployed)
@@ -253,7 +253,7 @@ def _twn_section(splits, work: Path, resume: bool) -> tuple[list[str], SummaryRo
         markdown_table(["model", "float baseline", "ternary, no FT", f"ternary + {meta['epochs']} epochs FT", "val error", "FT wall", "paper (TWN)",
                         "Δ points vs paper", ".nsk bytes (fp32 bytes)", "round trip exact"],
                        [["Caffe LeNet-5 (20C5-50C5-500)", _pct(err_fp), _pct(err_0), _pct(err), _pct(val),
-                         f"{meta['wall_s']:.0f} s (load {meta['load_before']} → {meta['load_after']})", "0.65% (32C5-64C5-512)",
+                         f"{meta['wall_s']:.0f} s (load {meta['load_before']} → {meta['load_after']}){', cached run' if meta.get('cached') else ''}", "0.65% (32C5-64C5-512)",
                          f"{100 * (err - PAPER['TWN']):+.2f}", f"{nbytes:,} ({4 * metrics.count_params(deployed):,})", "yes" if same else "NO"]]),
         "",
         f"Zeros after ternarization (Δ = 0.7 mean|W| per layer): {zeros}. Fine-tuning: SGD, lr {TWN_FT.lr:g}, Nesterov, cosine, "
@@ -338,7 +338,8 @@ def binary(work: Path, results: Path, *, resume: bool, machine: list[str]) -> li
         "",
         *machine,
         f"- load average: {load_start} at the start, {_load()} at the end (2 cores shared with other jobs)",
-        f"- suite wall time: {total / 60:.1f} min (training from a cache where noted)",
+        f"- suite wall time: {total / 60:.1f} min (a model trained in an earlier run of this suite is loaded from benchmarks/out/binary: "
+        "'cached run' in its row, with the wall time and load of the run that trained it)",
         "",
         "## XNOR–popcount Linear against torch fp32",
         "",
@@ -365,7 +366,7 @@ def binary(work: Path, results: Path, *, resume: bool, machine: list[str]) -> li
         f"Trained from scratch on the 50,000 training images (validation: the 10,000 held out; test reported once), torch "
         f"{threads_train} thread(s). Few epochs, not the papers' hundreds (CPU budget): the gap to the papers is mostly that. "
         f"The BNN is {len(BNN_HIDDEN)}x{BNN_HIDDEN[0]}, smaller than the paper's 3x2048 / 3x4096; it is compared with the 3x2048 row. "
-        "Weights ±1 (α = 1; BN after every layer), the real-valued weights clipped to [-1, 1] after each update; the loss is "
+        "Weights ±1 (α = 1; BN after every layer; the stochastic row: see below), the real-valued weights clipped to [-1, 1] after each update; the loss is "
         "cross-entropy (the papers use a square hinge loss). Test error is measured with binary weights (the deterministic sign "
         "in eval, also for the stochastic run; BinaryConnect reports its stochastic row with the real-valued weights at test time).",
         "",
