@@ -148,3 +148,16 @@ def test_unset_formats_default_to_the_weight_format():
     cfg = FixedPointConfig.from_dict({"il": 2, "fl": 14, "activations": True, "gradients": True, "grad_fl": 20})
     assert cfg.act_format == FixedPointFormat(2, 14) and cfg.grad_format == FixedPointFormat(2, 20)
     assert FixedPointConfig().act_format is None and FixedPointConfig().grad_format is None
+
+
+def test_fixed_point_outputs_export_to_onnx_as_round_and_clip(tmp_path):
+    from netshrink.export import export_onnx, ort_predict, ort_session
+
+    torch.manual_seed(0)
+    model = ns.build_model("mlp", in_features=64, hidden=[48, 24])
+    quantize_(model, FixedPointConfig(il=4, fl=12, activations=True, gradients=True))
+    model.eval()
+    res = export_onnx(model, tmp_path / "fx.onnx", (1, 8, 8))
+    assert res.ops.get("Round") == 3 and res.ops.get("Clip") == 3  # one output quantizer per layer
+    x = torch.rand(16, 1, 8, 8)
+    assert float(abs(torch.from_numpy(ort_predict(ort_session(tmp_path / "fx.onnx"), x)) - model(x).detach()).max()) == 0.0
