@@ -4,39 +4,15 @@ method does not apply to is a one-line ConfigError naming the field and the laye
 
 import pytest
 import torch
-from torch import nn
 
 from netshrink.errors import ConfigError
-from netshrink.export import export_onnx, ort_predict, ort_session
 from netshrink.filters import CReLUConfig, DepthwiseConfig, EquivariantConfig, compact_
-from netshrink.models import build_model
-from netshrink.pack import load, pack
 
 pytest.importorskip("onnxruntime")
 
 
-def _zoo(name: str) -> nn.Module:
-    torch.manual_seed(0)
-    model = build_model(name)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
 
 
-def _round_trips(model: nn.Module, tmp_path) -> None:
-    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want = model.eval()(x)
-    pack(model, tmp_path / "m.nsk")
-    loaded = load(tmp_path / "m.nsk").eval()
-    with torch.no_grad():
-        assert torch.equal(loaded(x), want)
-    res = export_onnx(model, tmp_path / "m.onnx", (1, 28, 28))
-    got = ort_predict(ort_session(res.path, threads=1), x)
-    torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-4)
 
 
 CASES = [
@@ -50,15 +26,15 @@ CASES = [
 
 
 @pytest.mark.parametrize("name,config", CASES, ids=[f"{n}-{c.method}" for n, c in CASES])
-def test_compact_zoo_cnn_packs_loads_and_exports(tmp_path, name, config):
-    model = _zoo(name)
+def test_compact_zoo_cnn_packs_loads_and_exports(zoo_cnn, assert_packs_and_exports, name, config):
+    model = zoo_cnn(name)
     result = compact_(model, config, data=torch.randn(8, 1, 28, 28))
     assert result.layers and result.params_after < result.params_before
-    _round_trips(model, tmp_path)
+    assert_packs_and_exports(model)
 
 
-def test_defaults_leave_depthwise_convs_alone():
-    model = _zoo("mobilenet_small")
+def test_defaults_leave_depthwise_convs_alone(zoo_cnn):
+    model = zoo_cnn("mobilenet_small")
     assert set(compact_(model, DepthwiseConfig(steps=0)).layers) == {"stem.conv"}  # dw: grouped, pw: 1x1
     assert model.block1.dw.conv.groups == 16
 
@@ -73,8 +49,8 @@ def test_defaults_leave_depthwise_convs_alone():
         (CReLUConfig(layers=["stem.bn"]), "layers[0]: crelu does not apply to 'stem.bn': it is a BatchNorm2d"),
     ],
 )
-def test_a_filter_method_that_does_not_apply_is_one_clear_line(config, words):
-    model = _zoo("mobilenet_small")
+def test_a_filter_method_that_does_not_apply_is_one_clear_line(zoo_cnn, config, words):
+    model = zoo_cnn("mobilenet_small")
     with pytest.raises(ConfigError) as err:
         compact_(model, config, data=torch.randn(4, 1, 28, 28))
     assert "\n" not in str(err.value) and words in str(err.value), str(err.value)

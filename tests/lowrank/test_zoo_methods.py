@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from netshrink.errors import ConfigError
-from netshrink.export import export_onnx, ort_predict, ort_session
 from netshrink.lowrank import (
     CPConfig,
     LayerwiseConfig,
@@ -19,41 +18,12 @@ from netshrink.lowrank import (
     TuckerConfig,
     factorize_,
 )
-from netshrink.models import build_model
-from netshrink.pack import load, pack
 
 pytest.importorskip("onnxruntime")
 
 
-def _zoo(name: str) -> nn.Module:
-    """A zoo CNN with random weights and non-trivial BatchNorm statistics, in eval mode."""
-    torch.manual_seed(0)
-    model = build_model(name)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-    return model.eval()
 
 
-def check_round_trips(model: nn.Module, tmp_path) -> None:
-    """.nsk round trip exact; ONNX in onnxruntime equal to torch within float rounding."""
-    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
-    model.eval()
-    with torch.no_grad():
-        want = model(x)
-    path = tmp_path / "m.nsk"
-    pack(model, path)
-    loaded = load(path).eval()
-    assert loaded.netshrink_edits == model.netshrink_edits
-    with torch.no_grad():
-        assert torch.equal(loaded(x), want)
-    res = export_onnx(model, tmp_path / "m.onnx", (1, 28, 28))
-    got = ort_predict(ort_session(res.path, threads=1), x)
-    torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-4)
 
 
 CASES = [
@@ -71,24 +41,24 @@ CASES = [
 
 
 @pytest.mark.parametrize("name,config", CASES, ids=[f"{n}-{c.method}" for n, c in CASES])
-def test_factorized_zoo_cnn_packs_loads_and_exports(tmp_path, name, config):
-    model = _zoo(name)
+def test_factorized_zoo_cnn_packs_loads_and_exports(zoo_cnn, assert_packs_and_exports, name, config):
+    model = zoo_cnn(name)
     result = factorize_(model, config)
     assert result.layers and result.params_after < result.params_before
     for layer in result.layers:
         assert getattr(type(model.get_submodule(layer)), "netshrink_type", None) is not None
-    check_round_trips(model, tmp_path)
+    assert_packs_and_exports(model)
 
 
-def test_layerwise_on_a_residual_cnn_packs_and_exports(tmp_path):
-    model = _zoo("resnet_small")
+def test_layerwise_on_a_residual_cnn_packs_and_exports(zoo_cnn, assert_packs_and_exports):
+    model = zoo_cnn("resnet_small")
     data = torch.utils.data.TensorDataset(torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,)))
     cfg = LayerwiseConfig(method="tucker", args={"rank": 8, "n_iter_max": 5}, layers=["stages.0.0.conv1", "stages.0.0.conv2"],
                           fit_steps=3, finetune_steps=2, samples=16, batch_size=8)
     result = factorize_(model, cfg, data=data)
     assert set(result.layers) == {"stages.0.0.conv1", "stages.0.0.conv2"}
     assert all(f.output_error is not None for f in result.layers.values())
-    check_round_trips(model, tmp_path)
+    assert_packs_and_exports(model)
 
 
 @pytest.mark.parametrize(
@@ -105,8 +75,8 @@ def test_layerwise_on_a_residual_cnn_packs_and_exports(tmp_path):
         (TuckerConfig(rank=[40, 2], layers=["block1.pw.conv"]), "rank", "above the full rank"),
     ],
 )
-def test_a_method_that_does_not_apply_is_one_clear_line(config, field, words):
-    model = _zoo("mobilenet_small")
+def test_a_method_that_does_not_apply_is_one_clear_line(zoo_cnn, config, field, words):
+    model = zoo_cnn("mobilenet_small")
     data = torch.utils.data.TensorDataset(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ConfigError) as err:
@@ -119,8 +89,8 @@ def test_a_method_that_does_not_apply_is_one_clear_line(config, field, words):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-def test_default_layers_skip_what_does_not_apply():
-    model = _zoo("mobilenet_small")
+def test_default_layers_skip_what_does_not_apply(zoo_cnn):
+    model = zoo_cnn("mobilenet_small")
     result = factorize_(model, TuckerConfig(rank=1))
     # every plain conv is replaced (stem, the 1x1 pointwise convs); the depthwise ones are left alone
     assert set(result.layers) == {"stem.conv", "block1.pw.conv", "block2.pw.conv", "block3.pw.conv"}
@@ -129,8 +99,8 @@ def test_default_layers_skip_what_does_not_apply():
         factorize_(nn.Sequential(nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 3, groups=4)), SeparableConfig(rank=1))
 
 
-def test_rank_budget_scoring_leaves_batchnorm_statistics_alone():
-    model = _zoo("resnet_small").train()  # a model in training mode: scoring must still not touch BN's statistics
+def test_rank_budget_scoring_leaves_batchnorm_statistics_alone(zoo_cnn):
+    model = zoo_cnn("resnet_small").train()  # a model in training mode: scoring must still not touch BN's statistics
     stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
     data = torch.utils.data.TensorDataset(torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,)))
     result = factorize_(model, RankBudgetConfig(params_ratio=0.7, layers=["stages.2.0.conv*", "fc"], batches=2,

@@ -6,10 +6,8 @@ import torch
 from torch import nn
 
 from netshrink.errors import ConfigError
-from netshrink.export import export_onnx, ort_predict, ort_session
 from netshrink.matrices import CirculantConfig, HashedConfig, ToeplitzConfig, structure_
 from netshrink.models import build_model
-from netshrink.pack import load, pack
 
 pytest.importorskip("onnxruntime")
 
@@ -22,21 +20,12 @@ CASES = [
 
 
 @pytest.mark.parametrize("name,config", CASES, ids=[f"{n}-{c.method}" for n, c in CASES])
-def test_structured_head_packs_loads_and_exports(tmp_path, name, config):
+def test_structured_head_packs_loads_and_exports(assert_packs_and_exports, name, config):
     torch.manual_seed(0)
     model = build_model(name).eval()
     result = structure_(model, config)
     assert result.layers and result.params_after < result.params_before
-    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want = model(x)
-    pack(model, tmp_path / "m.nsk")
-    loaded = load(tmp_path / "m.nsk").eval()
-    with torch.no_grad():
-        assert torch.equal(loaded(x), want)
-    res = export_onnx(model, tmp_path / "m.onnx", (1, 28, 28))
-    got = ort_predict(ort_session(res.path, threads=1), x)
-    torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-4)
+    assert_packs_and_exports(model)
 
 
 def test_a_conv_named_for_a_structured_matrix_is_one_clear_line():
