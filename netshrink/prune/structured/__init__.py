@@ -75,3 +75,6 @@ from .reconstruct import reconstruct_
 from .ssl import group_lasso, group_norms, slimming_regularizer, ssl_regularizer
 
 __all__ += ["group_lasso", "group_norms", "reconstruct_", "slimming_regularizer", "ssl_regularizer"]
+from .auto import AutoChannelConfig, AutoChannelResult, auto_channel_prune
+
+__all__ += ["AutoChannelConfig", "AutoChannelResult", "auto_channel_prune"]
