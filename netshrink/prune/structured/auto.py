@@ -70,6 +70,10 @@ class AutoChannelConfig(BaseConfig):
         if self.resolution < 10:
             raise ConfigError("resolution", f"must be at least 10, got {self.resolution}")
 
+    def check_model(self, model: nn.Module) -> None:
+        """Every name in ``layers`` is a convolution, linear or attention layer of ``model``."""
+        _channel_config(self, layers=self.layers).check_model(model)
+
 
 @dataclass
 class AutoChannelResult(ChannelResult):

@@ -61,3 +61,6 @@ def test_needs_validation_data_and_valid_fields(trained):
         recipe = {"model": "mlp", "data": "digits", "stages": [{"method": "auto_channel", field: value}]}
         with pytest.raises(ConfigError, match=field):
             parse_recipe(recipe)
+    recipe = {"model": "mlp", "data": "digits", "stages": [{"method": "auto_channel", "layers": ["fc9"]}]}
+    with pytest.raises(ConfigError, match="layers.fc9"):
+        parse_recipe(recipe)
