@@ -20,29 +20,25 @@ from torch.utils.data import DataLoader, Dataset
 
 from .errors import ConfigError
 
+if False:  # typing only
+    from .task import Task
+
 #: the layer types whose multiply-accumulates :func:`macs` counts
 MAC_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-@torch.no_grad()
-def error_rate(model: nn.Module, data: Dataset | DataLoader, batch_size: int = 1000, device: str | torch.device | None = None) -> float:
-    """Top-1 error in [0, 1] of ``model`` on ``data`` (a Dataset of (x, y) or a DataLoader)."""
-    loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size, shuffle=False)
-    if device is None:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    was_training = model.training
-    model.eval()
-    wrong = total = 0
-    try:
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            wrong += int((model(x).argmax(dim=1) != y).sum())
-            total += int(y.numel())
-    finally:
-        model.train(was_training)
-    if total == 0:
-        raise ValueError("error_rate: the data set is empty")
-    return wrong / total
+def error_rate(
+    model: nn.Module, data: Dataset | DataLoader, batch_size: int = 1000, device: str | torch.device | None = None,
+    task: "Task | str | None" = None,
+) -> float:
+    """The task's metric of ``model`` on ``data``: top-1 error in [0, 1] by default (batches ``(x, y)``).
+
+    With ``task`` (a :class:`netshrink.task.Task` or its name) the batches, outputs and metric are the
+    task's: perplexity for a language model, MSE for regression, dict batches, tuple/dict outputs.
+    """
+    from .task import resolve_task
+
+    return resolve_task(task).evaluate(model, data, batch_size=batch_size, device=device)
 
 
 # --------------------------------------------------------------------------- parameters and bytes

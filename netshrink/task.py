@@ -267,12 +267,19 @@ class Task:
         return int(target.shape[0]) if isinstance(target, torch.Tensor) and target.dim() > 0 else 1
 
     # ---- evaluation
-    @torch.no_grad()
     def evaluate(
         self, model: nn.Module, data: Dataset | DataLoader | Iterable[Any], *, batch_size: int = 256,
         device: torch.device | str | None = None, max_batches: int | None = None,
     ) -> float:
         """The task's metric of ``model`` over ``data`` (in eval mode; the model's mode is restored)."""
+        return self.accumulate(model, data, batch_size=batch_size, device=device, max_batches=max_batches).compute()
+
+    @torch.no_grad()
+    def accumulate(
+        self, model: nn.Module, data: Dataset | DataLoader | Iterable[Any], *, batch_size: int = 256,
+        device: torch.device | str | None = None, max_batches: int | None = None,
+    ) -> Metric:
+        """The task's :class:`Metric` after every batch of ``data`` (its sums, e.g. to all-reduce them)."""
         if device is None:
             device = next((p.device for p in model.parameters()), torch.device("cpu"))
         metric = self.metric()
@@ -290,7 +297,7 @@ class Task:
                     raise DataError(f"task {self.name!r}: the metric {metric.name!r} failed: {_first_line(err)}") from None
         finally:
             model.train(was_training)
-        return metric.compute()
+        return metric
 
     @property
     def metric_name(self) -> str:

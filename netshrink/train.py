@@ -55,12 +55,38 @@ from . import _checkpoint as ckpt
 from ._checkpoint import CheckpointError
 from .config import BaseConfig, check_range
 from .errors import ConfigError, DataError, ModelError, NetshrinkError
-from .metrics import error_rate
+from .task import DEFAULT_TASK, Inputs, Task, resolve_task
 
 logger = logging.getLogger("netshrink.train")
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-ExtraLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
+#: ``extra_loss(model, inputs, target, output)``: ``inputs`` is the batch's :class:`~netshrink.task.Inputs`
+ExtraLoss = Callable[[nn.Module, Inputs, Any, torch.Tensor], torch.Tensor]
+
+
+class Callback:
+    """Hooks into :meth:`Trainer.fit`; every method is a no-op unless overridden.
+
+    Called in this order: ``on_fit_start``; per epoch ``on_epoch_start``, then per batch
+    ``on_after_backward`` (gradients present, before clipping and the optimizer step) and
+    ``on_step_end`` (after ``optimizer.step()``); ``on_epoch_end`` (with the epoch's stats, after
+    validation); finally ``on_fit_end``. ``trainer.model``, ``trainer.optimizer`` and
+    ``trainer.global_step`` (optimizer steps taken in this fit, resumed epochs included) are available.
+    Methods that act while a model trains (Karnin's weight tracking, AGP's schedule, fixed-point
+    rounding) are callbacks, so no optimizer hook or forward-time weight mutation is needed.
+    """
+
+    def on_fit_start(self, trainer: "Trainer") -> None: ...
+
+    def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None: ...
+
+    def on_after_backward(self, trainer: "Trainer", step: int) -> None: ...
+
+    def on_step_end(self, trainer: "Trainer", step: int) -> None: ...
+
+    def on_epoch_end(self, trainer: "Trainer", epoch: int, stats: "EpochStats") -> None: ...
+
+    def on_fit_end(self, trainer: "Trainer") -> None: ...
 
 #: config fields that do not change the training trajectory (left out of the fingerprint)
 _NOT_IN_FINGERPRINT = ("epochs", "progress", "num_workers", "device")
@@ -185,13 +211,18 @@ def resolve_device(name: str) -> torch.device:
 
 @dataclass
 class EpochStats:
-    """One finished epoch (``epoch`` counts from 1); ``seconds`` covers training and validation."""
+    """One finished epoch (``epoch`` counts from 1); ``seconds`` covers training and validation.
+
+    ``val_error`` holds the task's validation metric (top-1 error by default; perplexity, MSE);
+    ``steps`` the optimizer steps of the epoch.
+    """
 
     epoch: int
     train_loss: float
     val_error: float | None
     lr: float
     seconds: float
+    steps: int = 0
 
 
 @dataclass
@@ -220,9 +251,12 @@ class TrainResult:
 class Trainer:
     """Trains ``model`` with ``config``; the one trainer behind fitting and fine-tuning.
 
-    ``loss_fn(logits, y)`` defaults to cross-entropy. ``extra_loss(model, x, y, logits)``, when given,
-    is added to the loss of every batch (the hook for distillation and regularisers); both are batch
-    means (or batch-independent terms). The optimizer gets only the parameters with
+    ``task`` (a :class:`~netshrink.task.Task` or its name; classification by default) says how a batch
+    splits into model inputs and a target, how the model's output is read (tuple, dict, ModelOutput),
+    the loss and the validation metric (error, perplexity, MSE). ``loss_fn(output, target)``, when
+    given, replaces the task's loss. ``extra_loss(model, inputs, target, output)``, when given, is added
+    to the loss of every batch (the hook for distillation and regularisers); both are batch means (or
+    batch-independent terms). ``callbacks``: :class:`Callback` objects. The optimizer gets only the parameters with
     ``requires_grad``. After :meth:`fit`, ``optimizer``, ``scheduler`` and ``device`` are available as
     attributes and the model stays on ``device``.
 
@@ -235,8 +269,10 @@ class Trainer:
         model: nn.Module,
         config: TrainConfig | Mapping[str, Any] | None = None,
         *,
+        task: Task | str | Mapping[str, Any] | None = None,
         loss_fn: LossFn | None = None,
         extra_loss: ExtraLoss | None = None,
+        callbacks: Iterable[Callback] = (),
         distributed: bool | None = None,
     ):
         if config is None:
@@ -247,8 +283,14 @@ class Trainer:
             raise TypeError(f"config must be a TrainConfig or a mapping, got {type(config).__name__}")
         self.model = model
         self.config: TrainConfig = config
-        self.loss_fn: LossFn = loss_fn if loss_fn is not None else nn.functional.cross_entropy
+        self.task: Task = resolve_task(task)
+        self.loss_fn: LossFn | None = loss_fn
         self.extra_loss = extra_loss
+        self.callbacks: list[Callback] = list(callbacks)
+        for cb in self.callbacks:
+            if not isinstance(cb, Callback):
+                raise TypeError(f"callbacks must be netshrink.train.Callback objects, got {type(cb).__name__}")
+        self.global_step = 0
         self.device: torch.device | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
@@ -357,6 +399,7 @@ class Trainer:
         elif path is not None and exists and self.is_main:
             logger.warning("%s exists and resume=False: it will be overwritten by this run", path)
         self._ddp = None
+        self.global_step = sum(h.steps for h in history)
         if self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -369,11 +412,13 @@ class Trainer:
             raise DataError("train_data is empty")
 
         epoch = start
+        self._emit("on_fit_start")
         try:
             for epoch in range(start, cfg.epochs):
                 history.append(self._run_epoch(train_data, val_data, epoch))
                 if path is not None:
                     self._save(path, epoch + 1, history)
+            self._emit("on_fit_end")
         except KeyboardInterrupt:
             logger.warning(
                 "interrupted during epoch %d; %s", epoch + 1,
@@ -386,18 +431,25 @@ class Trainer:
         return self._result(history, val_data, epochs_run=cfg.epochs - start, resumed_from=start)
 
     def evaluate(self, data: Dataset | DataLoader) -> float:
-        """Top-1 error of the model on ``data`` (:func:`netshrink.metrics.error_rate`)."""
-        return error_rate(self.model, data, device=self.device)  # None: the model's own device
+        """The task's metric (top-1 error by default) of the model on ``data``."""
+        return self.task.evaluate(self.model, data, device=self.device)  # None: the model's own device
+
+    def _emit(self, event: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            getattr(cb, event)(self, *args)
 
     def _val_error(self, data: Any) -> float:
-        """Validation error; with DDP each rank scores every ``W``-th example and the counts are summed."""
+        """Validation metric; with DDP each rank scores every ``W``-th example and the sums are added."""
         if self.world_size == 1 or isinstance(data, DataLoader) or not hasattr(data, "__len__"):
-            return error_rate(self.model, data, device=self.device)
+            return self.task.evaluate(self.model, data, device=self.device)
         part = Subset(data, range(self.rank, len(data), self.world_size))
-        wrong = error_rate(self.model, part, device=self.device) * len(part) if len(part) else 0.0
-        counts = torch.tensor([round(wrong), len(part)], dtype=torch.float64, device=self._comm_device())
-        dist.all_reduce(counts)
-        return float(counts[0] / counts[1])
+        metric = self.task.metric()
+        if len(part):
+            metric = self.task.accumulate(self.model, part, device=self.device)
+        sums = torch.tensor([metric.total, metric.count], dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(sums)
+        metric.total, metric.count = float(sums[0]), int(sums[1])
+        return metric.compute()
 
     # ---------------------------------------------------------------------------- distributed
 
@@ -474,24 +526,28 @@ class Trainer:
         shards = shards if isinstance(shards, ShardedBatchSampler) else None
 
         model.train()
+        task = self.task
+        self._emit("on_epoch_start", epoch)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = 0
         for step, batch in enumerate(bar if bar is not None else loader):
-            x, y = _split_batch(batch)
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            inputs, y = task.split(batch)
+            inputs = inputs.to(self.device)
+            y = y.to(self.device, non_blocking=True) if isinstance(y, torch.Tensor) else y
             self.optimizer.zero_grad(set_to_none=True)
             with torch.autocast(**self._amp) if self._amp else contextlib.nullcontext():
-                logits = forward(x)
-                loss = self.loss_fn(logits, y)
+                out = task.forward(forward, inputs)
+                loss = self.loss_fn(out, y) if self.loss_fn is not None else task.compute_loss(out, y)
                 if self.extra_loss is not None:
-                    loss = loss + self.extra_loss(model, x, y, logits)
+                    loss = loss + self.extra_loss(model, inputs, y, out)
             loss = loss.float()
-            n = int(y.shape[0]) if y.dim() > 0 else 1
+            n = task.count(y)
             scaled = loss
             if shards is not None:  # DDP averages gradients: weight this rank by its share of the batch
                 n, scale = shards.share(step)
                 scaled = loss * scale
             (self._scaler.scale(scaled) if self._scaler is not None else scaled).backward()
+            self._emit("on_after_backward", step)
             if self._scaler is not None and cfg.grad_clip is not None:
                 self._scaler.unscale_(self.optimizer)
             if cfg.grad_clip is not None:
@@ -501,6 +557,8 @@ class Trainer:
                 self._scaler.update()
             else:
                 self.optimizer.step()
+            self.global_step += 1
+            self._emit("on_step_end", step)
             total += loss.detach().to(torch.float64) * n
             count += n
             if bar is not None and step % 10 == 0:
@@ -523,8 +581,9 @@ class Trainer:
 
         val_error = self._val_error(val_data) if val_data is not None else None
         self.scheduler.step()
-        stats = EpochStats(epoch + 1, train_loss, val_error, lr, time.perf_counter() - t0)
-        line = _describe(stats, cfg.epochs)
+        stats = EpochStats(epoch + 1, train_loss, val_error, lr, time.perf_counter() - t0, step + 1)
+        self._emit("on_epoch_end", epoch, stats)
+        line = _describe(stats, cfg.epochs, task)
         if bar is not None:
             bar.set_postfix_str(line.split(": ", 1)[1], refresh=True)
             bar.close()
@@ -654,12 +713,6 @@ def _autocast_args(amp: str | None, device: torch.device) -> dict[str, Any] | No
     return {"device_type": device.type, "dtype": dtype}
 
 
-def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0], batch[1]
-    raise DataError(f"each batch must be a pair (inputs, targets), got {type(batch).__name__}")
-
-
 def _stderr_is_tty() -> bool:
     stream = sys.stderr
     try:
@@ -677,8 +730,8 @@ def _progress_bar(loader: Iterable[Any], desc: str) -> Any:
     return tqdm(loader, desc=desc, unit="batch", leave=True, dynamic_ncols=True, file=sys.stderr)
 
 
-def _describe(stats: EpochStats, epochs: int) -> str:
-    val = f", val error {100 * stats.val_error:.2f}%" if stats.val_error is not None else ""
+def _describe(stats: EpochStats, epochs: int, task: Task = DEFAULT_TASK) -> str:
+    val = f", val {task.format(stats.val_error)}" if stats.val_error is not None else ""
     return (
         f"epoch {stats.epoch}/{epochs}: train loss {stats.train_loss:.4f}{val}, "
         f"lr {stats.lr:.3g}, {stats.seconds:.1f} s"
@@ -686,6 +739,7 @@ def _describe(stats: EpochStats, epochs: int) -> str:
 
 
 __all__ = [
+    "Callback",
     "CheckpointError",
     "DivergenceError",
     "EpochStats",

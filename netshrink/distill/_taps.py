@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelError
+from ..task import Inputs
 
 
 def find_layer(model: nn.Module, name: str, field: str, owner: str) -> nn.Module:
@@ -25,8 +26,9 @@ class _Stop(Exception):
     """Raised by the capture hook to end a forward pass once the wanted layer has run."""
 
 
-def capture(model: nn.Module, layer: nn.Module, x: torch.Tensor, what: str) -> torch.Tensor:
-    """The output of ``layer`` when ``model(x)`` runs; the pass stops right after that layer.
+def capture(model: nn.Module, layer: nn.Module, x: Any, what: str) -> torch.Tensor:
+    """The output of ``layer`` when ``model(x)`` runs (``x`` a tensor or an :class:`~netshrink.task.Inputs`);
+    the pass stops right after that layer.
 
     Stopping there spares the later layers' work (and keeps their batch-norm statistics untouched).
     The hook is removed afterwards. A layer that is not called, or that returns something other than
@@ -42,7 +44,7 @@ def capture(model: nn.Module, layer: nn.Module, x: torch.Tensor, what: str) -> t
 
     handle = layer.register_forward_hook(hook)
     try:
-        model(x)
+        Inputs.of(x).call(model)
     except _Stop:
         pass
     finally:

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import BaseConfig
 from ..errors import ConfigError, DataError, ModelError
+from ..task import Inputs
 from ..train import TrainConfig, Trainer, TrainResult
 from ._taps import capture, find_layer
 from .losses import DistillConfig, DistillResult, distill
@@ -171,10 +172,11 @@ class HintLoss:
         self._hint = find_layer(teacher, teacher_layer, "teacher_layer", "teacher")
 
     @torch.no_grad()
-    def hint(self, x: torch.Tensor) -> torch.Tensor:
+    def hint(self, x: Any) -> torch.Tensor:
+        tensors = Inputs.of(x).tensors()
         param = next(self.teacher.parameters(), None)
-        if param is not None and param.device != x.device:
-            self.teacher.to(x.device)
+        if param is not None and tensors and param.device != tensors[0].device:
+            self.teacher.to(tensors[0].device)
         was_training = self.teacher.training
         self.teacher.eval()
         try:

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import BaseConfig, check_range
 from ..errors import ConfigError, ModelError
+from ..task import Inputs, output_tensor
 from ..metrics import error_rate
 from ..train import TrainConfig, Trainer, TrainResult
 
@@ -130,26 +131,28 @@ def kd_loss(
 
 
 @torch.no_grad()
-def teacher_logits(teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The frozen teacher's output on ``x``: eval mode, no grad, on ``x``'s device; its mode is restored."""
+def teacher_logits(teacher: nn.Module, x: "torch.Tensor | Inputs") -> torch.Tensor:
+    """The frozen teacher's output on ``x`` (a tensor or the batch's :class:`~netshrink.task.Inputs`):
+    eval mode, no grad, on the inputs' device; its mode is restored. A tuple/dict/ModelOutput is read
+    through :func:`netshrink.task.output_tensor` (its logits)."""
+    inputs = Inputs.of(x)
+    tensors = inputs.tensors()
     param = next(teacher.parameters(), None)
-    if param is not None and param.device != x.device:
-        teacher.to(x.device)
+    if param is not None and tensors and param.device != tensors[0].device:
+        teacher.to(tensors[0].device)
     was_training = teacher.training
     teacher.eval()
     try:
-        out = teacher(x)
+        out = inputs.call(teacher)
     finally:
         teacher.train(was_training)
-    if not isinstance(out, torch.Tensor):
-        raise ModelError(f"the teacher must return a tensor of logits, got {type(out).__name__}")
-    return out
+    return output_tensor(out)
 
 
 class DistillationLoss:
     """The two Trainer hooks of soft-target distillation, for ``teacher`` and ``config``.
 
-    - called as ``extra_loss(model, x, y, logits)``: runs the frozen teacher on ``x`` (eval mode,
+    - called as ``extra_loss(model, inputs, y, logits)``: runs the frozen teacher on the batch's inputs (eval mode,
       ``no_grad``) and returns the soft term ``alpha * T^2 * KL(softmax(z_t/T) || softmax(z_s/T))``;
     - :meth:`hard_loss` is the matching ``loss_fn(logits, y) = (1 - alpha) * CE(logits, y)``.
 
@@ -177,7 +180,7 @@ class DistillationLoss:
         alpha = self.config.alpha
         return (1.0 - alpha) * F.cross_entropy(logits, y) if alpha < 1.0 else logits.new_zeros(())
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def __call__(self, model: nn.Module, x: "torch.Tensor | Inputs", y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """``alpha * T^2 * KL(softmax(z_t/T) || softmax(z_s/T))`` (a Trainer ``extra_loss``)."""
         cfg = self.config
         if cfg.alpha == 0.0:
