@@ -131,6 +131,11 @@ class ActFakeQuant(nn.Module):
     def observing(self) -> bool:
         return self._observer is not None
 
+    @property
+    def seen(self) -> int:
+        """How many values the current observer has seen (0 when not observing)."""
+        return int(self._observer.seen) if self._observer is not None else 0
+
     def start_observing(self) -> None:
         self._set_observer(make_observer(self.observer_kind, self.bits, self.symmetric, self.signed, None, self.percentile, self.what, self.seed))
 

@@ -16,6 +16,12 @@ Krishnamoorthi, "Quantizing deep convolutional networks for efficient inference"
    in the float model and ``ŷ = Ŵ x̃ + b`` in the quantized one (``x̃`` its input there, after the
    layers before it are quantized and corrected) -- for the first layer ``E[Wx] - E[Ŵx]``.
 
+Before anything is quantized, with ``fold_bn`` (the default), every BatchNorm that follows a Conv/Linear
+layer is folded into it (:mod:`netshrink.quantize.fold`; Jacob et al. 2018 §3.2), so the quantizers see
+the weights that integer kernels run. Calibration batches are read through a :class:`~netshrink.task.Task`
+(tuples, dicts of keyword inputs, any dtype); a chosen layer that the model never calls on them is left
+in float and reported in ``UniformResult.skipped``.
+
 QAT (``QATConfig``, ``"qat"``; Jacob et al. 2018 §3): the same modules, with weight ranges re-observed
 at every training step and activation ranges tracked by an exponential moving average; ``quantize_``
 prepares the model, then the :class:`~netshrink.train.Trainer` (or a recipe's ``finetune``) trains it,
@@ -36,17 +42,18 @@ from .._registry import handler, register
 from ..config import BaseConfig, check_range
 from ..errors import ConfigError, DataError
 from ..metrics import sqnr_db
+from ..task import DEFAULT_TASK, Inputs, Task
 from ._common import (
     add_weight_quantizer,
-    calibration_batches,
     check_not_quantized,
     log,
     model_device,
     select_quantizable,
 )
 from .affine import MAX_BITS, MIN_BITS, QuantParams
-from .fake import ActFakeQuant, WeightFakeQuant, attach_input_quant
-from .observers import ObserverKind, check_percentile
+from .fake import ActFakeQuant, WeightFakeQuant, attach_input_quant, remove_input_quant
+from .fold import fold_batchnorm_
+from .observers import ObserverKind, check_finite, check_percentile
 
 
 @register("uniform", family="quantize")
@@ -60,7 +67,8 @@ class UniformConfig(BaseConfig):
     - ``activations``: quantize each chosen layer's input to ``act_bits``, range by ``act_observer``
       (``act_symmetric`` False: unsigned with a zero point, the usual choice after ReLU);
     - ``percentile``: of both percentile observers; ``bias_correction``: Nagel et al. 2019;
-    - ``calibration_samples`` examples of the data (drawn with ``seed``), in batches of ``batch_size``.
+    - ``calibration_samples`` examples of the data (drawn with ``seed``), in batches of ``batch_size``;
+    - ``fold_bn``: fold each BatchNorm that follows a Conv/Linear into it first (needs data to see which).
     """
 
     bits: int = 8
@@ -78,6 +86,7 @@ class UniformConfig(BaseConfig):
     batch_size: int = 128
     layers: list[str] | None = None
     seed: int = 0
+    fold_bn: bool = True
 
     def validate(self) -> None:
         check_range("bits", self.bits, MIN_BITS, MAX_BITS)
@@ -133,26 +142,114 @@ class UniformResult:
 
     ``bits``: weight bits; ``weight_sqnr_db``: SQNR of the quantized weight against the float one;
     ``inputs``: the calibrated input quantizer (absent when activations are off or not yet calibrated);
-    ``bias_shift``: L2 norm of each bias correction.
+    ``bias_shift``: L2 norm of each bias correction; ``skipped``: chosen layers left in float, with the
+    reason (never called on the calibration data); ``bn_folded``: BatchNorm -> the layer it was folded
+    into; ``bn_kept``: BatchNorms left as they are, with the reason.
     """
 
     bits: dict[str, int] = field(default_factory=dict)
     weight_sqnr_db: dict[str, float] = field(default_factory=dict)
     inputs: dict[str, QuantParams] = field(default_factory=dict)
     bias_shift: dict[str, float] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    bn_folded: dict[str, str] = field(default_factory=dict)
+    bn_kept: dict[str, str] = field(default_factory=dict)
+
+
+def _call(model: nn.Module, batch: Any) -> Any:
+    return Inputs.of(batch).call(model)
+
+
+def calibration_inputs(
+    data: Any, samples: int, batch_size: int, seed: int = 0, device: torch.device | None = None, task: Task | None = None
+) -> list[Inputs]:
+    """Up to ``samples`` examples of ``data`` as model inputs, in batches of ``batch_size``.
+
+    ``data``: a :class:`netshrink.data.Splits` (its ``train`` split), a map-style Dataset (a random
+    subset drawn with ``seed``), a DataLoader or any iterable of batches (its first batches), an input
+    tensor, or example inputs (:class:`~netshrink.task.Inputs`, a dict of keyword inputs). Each batch
+    is split by ``task`` (tuples ``(x..., y)``, dicts; a bare tensor is an input). Empty data, or float
+    inputs holding NaN or inf, raise :class:`DataError`; integer inputs (token ids) keep their dtype.
+    """
+    from collections.abc import Mapping
+
+    from torch.utils.data import DataLoader, Dataset, Subset
+
+    task = task or DEFAULT_TASK
+    if data is None:
+        raise DataError("calibration data is missing: pass data= (a Dataset, DataLoader or Splits)")
+    if not isinstance(data, (Dataset, DataLoader, torch.Tensor)) and isinstance(getattr(data, "train", None), Dataset):
+        data = data.train
+
+    def inputs_of(batch: Any) -> Inputs:
+        if isinstance(batch, torch.Tensor):
+            return Inputs((batch,))
+        return task.split(batch)[0]
+
+    out: list[Inputs] = []
+    if isinstance(data, Inputs) or isinstance(data, Mapping):
+        ex = Inputs.of(data)
+        out = [ex.take(samples)]
+    elif isinstance(data, torch.Tensor):
+        out = [Inputs((x,)) for x in data[:samples].split(batch_size)]
+    elif isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+        try:
+            n = len(data)  # type: ignore[arg-type]
+        except TypeError:
+            raise DataError("calibration data must have a length (a map-style Dataset) or be a DataLoader") from None
+        if n > 0:
+            g = torch.Generator().manual_seed(seed)
+            idx = torch.randperm(n, generator=g)[: min(n, samples)].sort().values.tolist()
+            out = [inputs_of(b) for b in DataLoader(Subset(data, idx), batch_size=batch_size, shuffle=False)]
+    elif isinstance(data, (DataLoader, list, tuple)) or hasattr(data, "__iter__"):
+        seen = 0
+        for batch in data:
+            x = inputs_of(batch).take(samples - seen)
+            out.append(x)
+            seen += x.batch_size
+            if seen >= samples:
+                break
+    else:
+        raise DataError(f"calibration data must be a Dataset, DataLoader, Splits or tensor, got {type(data).__name__}")
+    out = [x for x in out if x.tensors() and all(t.numel() > 0 for t in x.tensors())]
+    if not out:
+        raise DataError("calibration data is empty: nothing to calibrate the quantizers on")
+    for x in out:
+        for t in x.tensors():
+            if t.is_floating_point():
+                check_finite(t, "calibration data")
+    return [x.to(device) if device is not None else x for x in out]
 
 
 @torch.no_grad()
-def calibrate_(model: nn.Module, quantizers: dict[str, ActFakeQuant], batches: list[torch.Tensor]) -> dict[str, QuantParams]:
-    """Run ``batches`` through ``model`` in eval mode with every quantizer observing; freeze them."""
+def called_layers(model: nn.Module, layers: dict[str, nn.Module], batch: Any) -> set[str]:
+    """The names of ``layers`` that one forward pass of ``model`` on ``batch`` calls (eval mode)."""
+    hit: set[str] = set()
+    handles = [m.register_forward_pre_hook(lambda _m, _i, n=n: hit.add(n)) for n, m in layers.items()]
+    was = model.training
+    model.eval()
+    try:
+        _call(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    return hit
+
+
+@torch.no_grad()
+def calibrate_(model: nn.Module, quantizers: dict[str, ActFakeQuant], batches: list[Any]) -> dict[str, QuantParams]:
+    """Run ``batches`` (input tensors or :class:`~netshrink.task.Inputs`) through ``model`` in eval mode
+    with every quantizer observing; freeze them. A quantizer that saw nothing stays uncalibrated and is
+    left out of the returned dict."""
     was_training = model.training
     model.eval()
     try:
         for q in quantizers.values():
             q.start_observing()
         for x in batches:
-            model(x)
-        return {n: q.finish_observing() for n, q in quantizers.items()}
+            _call(model, x)
+        return {n: q.finish_observing() for n, q in quantizers.items() if q.seen > 0}
     finally:
         for q in quantizers.values():
             q.stop_observing()
@@ -166,7 +263,7 @@ def _channel_mean(y: torch.Tensor, layer: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _mean_output(model: nn.Module, layer: nn.Module, batches: list[torch.Tensor]) -> torch.Tensor:
+def _mean_output(model: nn.Module, layer: nn.Module, batches: list[Any]) -> torch.Tensor:
     """``E[y]`` per output channel of ``layer``'s output while ``batches`` run through ``model``.
 
     A forward hook only measures here; it is removed before this returns."""
@@ -181,7 +278,7 @@ def _mean_output(model: nn.Module, layer: nn.Module, batches: list[torch.Tensor]
     handle = layer.register_forward_hook(grab)
     try:
         for x in batches:
-            model(x)
+            _call(model, x)
     finally:
         handle.remove()
     if not total:
@@ -191,7 +288,7 @@ def _mean_output(model: nn.Module, layer: nn.Module, batches: list[torch.Tensor]
 
 @torch.no_grad()
 def bias_correct_(
-    model: nn.Module, reference: nn.Module, layers: dict[str, nn.Module], batches: list[torch.Tensor]
+    model: nn.Module, reference: nn.Module, layers: dict[str, nn.Module], batches: list[Any]
 ) -> dict[str, float]:
     """Nagel et al. 2019 empirical bias correction, in place, layer by layer in the order given:
     ``b <- b + E[y_reference] - E[y_model]`` over ``batches``. Returns ``||shift||_2`` per layer.
@@ -217,17 +314,37 @@ def bias_correct_(
     return shifts
 
 
-def _prepare(model: nn.Module, config: UniformConfig, data: Any, qat: bool) -> UniformResult:
+def _prepare(model: nn.Module, config: UniformConfig, data: Any, qat: bool, task: Task | None = None) -> UniformResult:
     method = config.method or "uniform"
     layers = select_quantizable(model, config.layers, method)
     bits = per_layer(layers, config.layer_bits, config.bits, "layer_bits")
     check_not_quantized(layers)
     device = model_device(model)
     needs_data = config.bias_correction or (config.activations and not (qat and data is None and getattr(config, "act_ema", 0) > 0))
-    batches = calibration_batches(data, config.calibration_samples, config.batch_size, config.seed, device) if needs_data else []
-    reference = copy.deepcopy(model) if config.bias_correction else None
+    if config.fold_bn and data is not None and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        needs_data = True
+    batches = calibration_inputs(data, config.calibration_samples, config.batch_size, config.seed, device, task) if needs_data else []
 
     result = UniformResult()
+    if config.fold_bn:
+        if batches:
+            folded = fold_batchnorm_(model, batches[0].call)
+            result.bn_folded, result.bn_kept = folded.folded, folded.kept
+        else:
+            from torch.nn.modules.batchnorm import _BatchNorm
+
+            result.bn_kept = {n: "no calibration data to find the layer it follows" for n, m in model.named_modules() if isinstance(m, _BatchNorm)}
+        if result.bn_kept:
+            log.warning("%s: BatchNorm left unfolded: %s", method, "; ".join(f"{n}: {r}" for n, r in result.bn_kept.items()))
+    if batches:  # a layer the model never calls stays in float (its input cannot be calibrated)
+        called = called_layers(model, layers, batches[0])
+        for name in [n for n in layers if n not in called]:
+            result.skipped[name] = "never called by the model's forward on the calibration data"
+            del layers[name]
+        if result.skipped:
+            log.warning("%s: skipped layers %s (never called by forward)", method, ", ".join(result.skipped))
+    reference = copy.deepcopy(model) if config.bias_correction else None
+
     for name, layer in layers.items():
         w = layer.weight.detach().clone()
         q = WeightFakeQuant(w, bits[name], config.symmetric, config.per_channel, config.observer, config.percentile, dynamic=qat)
@@ -245,30 +362,35 @@ def _prepare(model: nn.Module, config: UniformConfig, data: Any, qat: bool) -> U
             attach_input_quant(layers[name], q.to(device))
         if batches:
             result.inputs = calibrate_(model, act, batches)
+            for name in [n for n in act if n not in result.inputs]:  # called on the first batch only? never on these
+                remove_input_quant(layers[name])
+                result.skipped[name] = "its input quantizer saw no calibration value"
 
     if reference is not None:
-        result.bias_shift = bias_correct_(model, reference, layers, batches)
-    log.info("%s: %d layers quantized (%s)", method, len(layers), ", ".join(f"{n}: {b} bits" for n, b in bits.items()))
+        result.bias_shift = bias_correct_(model, reference, {n: m for n, m in layers.items() if n not in result.skipped}, batches)
+    log.info("%s: %d layers quantized (%s)", method, len(layers), ", ".join(f"{n}: {b} bits" for n, b in bits.items() if n in layers))
     return result
 
 
 @handler(UniformConfig)
-def uniform_quantize(model: nn.Module, config: UniformConfig, data: Any = None) -> UniformResult:
+def uniform_quantize(model: nn.Module, config: UniformConfig, data: Any = None, task: Task | None = None) -> UniformResult:
     """Post-training uniform quantization, in place (see the module docstring). ``data`` (a Dataset,
-    DataLoader, :class:`~netshrink.data.Splits` or input tensor) is needed for activations and bias correction."""
-    return _prepare(model, config, data, qat=False)
+    DataLoader, :class:`~netshrink.data.Splits`, input tensor or example inputs; batches read by ``task``)
+    is needed for activations, BatchNorm folding and bias correction."""
+    return _prepare(model, config, data, qat=False, task=task)
 
 
 @handler(Int8Config)
-def int8_quantize(model: nn.Module, config: Int8Config, data: Any = None) -> UniformResult:
+def int8_quantize(model: nn.Module, config: Int8Config, data: Any = None, task: Task | None = None) -> UniformResult:
     """:func:`uniform_quantize` at 8 bits."""
-    return _prepare(model, config, data, qat=False)
+    return _prepare(model, config, data, qat=False, task=task)
 
 
 @handler(QATConfig)
-def qat_prepare(model: nn.Module, config: QATConfig, data: Any = None) -> UniformResult:
-    """Insert trainable fake quantizers, in place; then train with :class:`~netshrink.train.Trainer`."""
-    return _prepare(model, config, data, qat=True)
+def qat_prepare(model: nn.Module, config: QATConfig, data: Any = None, task: Task | None = None) -> UniformResult:
+    """Insert trainable fake quantizers, in place; then train with :class:`~netshrink.train.Trainer`.
+    With ``fold_bn`` and data, BatchNorms are folded first: the model then trains without them."""
+    return _prepare(model, config, data, qat=True, task=task)
 
 
 __all__ = [
@@ -278,6 +400,8 @@ __all__ = [
     "UniformResult",
     "bias_correct_",
     "calibrate_",
+    "calibration_inputs",
+    "called_layers",
     "int8_quantize",
     "qat_prepare",
     "uniform_quantize",
