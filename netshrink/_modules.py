@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._registry import Registry
 from .errors import FormatError, ModelError, NetshrinkError
 
 #: the attribute on the root model that lists its edits
@@ -31,7 +32,7 @@ MAX_EDITS = 1 << 16
 MAX_PATH_CHARS = 1000
 MAX_TYPE_CHARS = 100
 
-_MODULES: dict[str, type[nn.Module]] = {}
+_MODULES: Registry[type[nn.Module]] = Registry("module type")
 
 
 def register_module(name: str) -> Callable[[type], type]:
@@ -47,10 +48,8 @@ def register_module(name: str) -> Callable[[type], type]:
             raise TypeError(f"register_module({name!r}) needs an nn.Module class, got {cls!r}")
         if not callable(getattr(cls, "netshrink_args", None)):
             raise TypeError(f"{cls.__name__} must define netshrink_args() to be registered as {name!r}")
-        if name in _MODULES and _MODULES[name] is not cls:
-            raise RuntimeError(f"module type {name!r} registered twice")
+        _MODULES.add(name, cls)
         cls.netshrink_type = name
-        _MODULES[name] = cls
         return cls
 
     return deco
@@ -58,9 +57,6 @@ def register_module(name: str) -> Callable[[type], type]:
 
 def module_types() -> dict[str, type[nn.Module]]:
     """Every registered module type by name (the families that define them are imported first)."""
-    from ._registry import _load_families
-
-    _load_families()
     return dict(_MODULES)
 
 
@@ -211,33 +207,30 @@ def _build(cls: type[nn.Module], args: dict[str, Any], where: str) -> nn.Module:
         raise ModelError(f"{where}: cannot build {cls.__name__} from {json.dumps(args)[:200]}: {exc}") from None
 
 
-def _numel(module: nn.Module) -> int:
-    return sum(t.numel() for t in module.parameters()) + sum(t.numel() for t in module.buffers())
-
-
-def apply_edits(model: nn.Module, edits: Any, *, where: str = "edits", max_elements: int | None = None) -> nn.Module:
+def apply_edits(model: nn.Module, edits: Any, *, where: str = "edits", guard: Any = None) -> nn.Module:
     """Replay ``edits`` (a list as :func:`replace_module` records it) on ``model`` in place; return it.
 
     Each edit builds its registered type from ``args`` (on the device and in the floating dtype of the
     module it replaces) and swaps it in; replaying a model's own edits rebuilds the same structure
-    (with fresh values, to be filled by the caller). With ``max_elements``, a new
-    module is first built on the meta device, and the edits are refused once the new modules would
-    hold more elements in all.
+    (with fresh values, to be filled by the caller). With a ``guard``
+    (:class:`netshrink.pack._budget.BuildGuard`, used when the edits come from a file), each new module is
+    first built on the meta device inside the guard, which stops a build that registers more modules or
+    elements than the file justifies, and then built for real.
     An unknown type, a bad path or args the type rejects raise one-line :class:`ModelError`.
     """
     check_edits(edits, where, ModelError)
-    total = 0
     for i, e in enumerate(edits):
         at = f"{where}[{i}] ({e['path']})"
         cls = module_class(e["type"], at)
         parent, name = _parent(model, e["path"], at)
         current = parent._modules[name]
-        if max_elements is not None:
-            with torch.device("meta"):
-                total += _numel(_build(cls, e["args"], at))
-            if total > max_elements:
-                raise ModelError(f"{at}: the replaced modules' {total} elements exceed the limit of {max_elements}")
-        new = _build(cls, e["args"], at)
+        if guard is not None:
+            with guard.scope(meta=True):
+                _build(cls, e["args"], at)
+            with guard.scope(meta=False):
+                new = _build(cls, e["args"], at)
+        else:
+            new = _build(cls, e["args"], at)
         ref = next(iter(list(current.parameters()) + list(current.buffers())), None)
         if ref is not None:
             new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)

@@ -35,9 +35,11 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
+from ._extras import require
 from ._fileio import atomic_write, cache_root
+from ._registry import Registry
 from .errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -57,22 +59,32 @@ _SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class Splits:
-    """A data set's train / validation / test splits as ``TensorDataset`` of ``(x, y)``.
+    """A data set's train / validation / test splits.
 
-    ``x`` is float32 ``(N, C, H, W)``, ``y`` int64 ``(N,)``. Hyperparameters are chosen on ``val``;
+    The built-in data sets are ``TensorDataset`` of ``(x, y)``: ``x`` float32 ``(N, C, H, W)``, ``y``
+    int64 ``(N,)``. A user's splits may be any map-style datasets whose examples a
+    :class:`~netshrink.task.Task` can split (tuples or dicts). Hyperparameters are chosen on ``val``;
     ``test`` is only reported (DESIGN.md, "How results are measured").
     """
 
     name: str
-    train: TensorDataset
-    val: TensorDataset
-    test: TensorDataset
+    train: Dataset
+    val: Dataset
+    test: Dataset
     num_classes: int = 10
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        """Shape of one example, without the batch dimension (``(1, 28, 28)`` for MNIST)."""
-        return tuple(self.train.tensors[0].shape[1:])
+        """Shape of one example's first input, without the batch dimension (``(1, 28, 28)`` for MNIST)."""
+        tensors = getattr(self.train, "tensors", None)
+        if isinstance(tensors, (tuple, list)) and tensors:
+            return tuple(tensors[0].shape[1:])
+        first = self.train[0]
+        if isinstance(first, dict):
+            first = next(iter(first.values()))
+        elif isinstance(first, (tuple, list)):
+            first = first[0]
+        return tuple(first.shape)
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -441,9 +453,7 @@ def digits(seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.1
             raise ConfigError(field, f"must lie in (0, 1), got {frac}")
     if val_fraction + test_fraction >= 1.0:
         raise ConfigError("val_fraction", "val_fraction + test_fraction must be below 1")
-    from sklearn.datasets import load_digits  # lazy: scikit-learn is only needed here
-
-    d = load_digits()
+    d = require("sklearn.datasets", "digits").load_digits()  # lazy: scikit-learn is only needed here
     x = (d.images.astype(np.float32) / np.float32(16.0))[:, None, :, :]
     y = d.target.astype(np.int64)
     n = len(y)
@@ -457,24 +467,20 @@ def digits(seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.1
 
 # --------------------------------------------------------------------------- registry
 
-_DATASETS: dict[str, Callable[..., Splits]] = {"mnist": mnist, "digits": digits}
+#: extended by ``register_dataset`` and by the ``netshrink.datasets`` entry points (netshrink._plugins)
+_DATASETS: Registry[Callable[..., Splits]] = Registry("data set", group="netshrink.datasets", field="dataset", duplicate=ConfigError)
+_DATASETS.add("mnist", mnist)
+_DATASETS.add("digits", digits)
 
 
 def register_dataset(name: str) -> Callable[[Callable[..., Splits]], Callable[..., Splits]]:
     """Decorator: make a function returning :class:`Splits` loadable by ``load_dataset(name)``."""
-
-    def deco(fn: Callable[..., Splits]) -> Callable[..., Splits]:
-        if name in _DATASETS and _DATASETS[name] is not fn:
-            raise ConfigError("dataset", f"data set {name!r} is already registered")
-        _DATASETS[name] = fn
-        return fn
-
-    return deco
+    return _DATASETS.register(name)
 
 
 def list_datasets() -> list[str]:
     """The registered data set names, sorted."""
-    return sorted(_DATASETS)
+    return _DATASETS.names()
 
 
 dataset_names = list_datasets  # the name netshrink.recipe uses
@@ -485,10 +491,7 @@ INPUT_SHAPES: dict[str, tuple[int, ...]] = {"mnist": (1, 28, 28), "digits": (1, 
 
 def load_dataset(name: str, **kwargs: Any) -> Splits:
     """The registered data set ``name`` (``"mnist"``, ``"digits"``) built with ``kwargs``."""
-    try:
-        fn = _DATASETS[name]
-    except (KeyError, TypeError):
-        raise ConfigError("dataset", f"unknown data set {name!r} (known: {', '.join(list_datasets())})") from None
+    fn = _DATASETS.lookup(name, "dataset")
     try:
         inspect.signature(fn).bind(**kwargs)
     except TypeError as err:
@@ -496,7 +499,24 @@ def load_dataset(name: str, **kwargs: Any) -> Splits:
     return fn(**kwargs)
 
 
+def load_npz(path: str | os.PathLike[str], **kwargs: Any) -> Splits:
+    """Splits from an ``.npz`` file (``train_x, train_y, val_x, ...`` or unsplit ``x, y``; any other
+    columns give dict batches); the layout is documented in :mod:`netshrink._datasource`."""
+    from ._datasource import load_npz as _load
+
+    return _load(path, **kwargs)
+
+
+def load_data(spec: str, **kwargs: Any) -> Splits:
+    """What a recipe's ``data:`` names: a registered data set, an ``.npz`` file, a folder of MNIST IDX
+    files, or a ``package.module:function`` returning :class:`Splits` or a dict of train/val/test datasets."""
+    from ._datasource import resolve_data
+
+    return resolve_data(spec, kwargs)
+
+
 __all__ = [
+    "load_npz", "load_data",
     "Splits", "IdxArrays", "RestrictedUnpickler", "restricted_loads", "load_idx", "mnist_arrays_from_idx",
     "fetch_mnist_pkl_gz", "mnist", "digits", "load_dataset", "register_dataset", "list_datasets", "dataset_names",
     "resolve_cache_dir", "verify_sha256", "MNIST_SHA256", "MNIST_PACKAGE", "INPUT_SHAPES",

@@ -18,27 +18,22 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from ._registry import Registry
 from .errors import ConfigError
 
 ModelBuilder = Callable[..., nn.Module]
-_MODELS: dict[str, ModelBuilder] = {}
+#: the zoo: extended by ``register_model`` and by the ``netshrink.models`` entry points (netshrink._plugins)
+_MODELS: Registry[ModelBuilder] = Registry("model", group="netshrink.models", field="model", duplicate=ConfigError)
 
 
 def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
     """Decorator: register a builder function (keyword arguments with defaults) under ``name``."""
-
-    def deco(fn: ModelBuilder) -> ModelBuilder:
-        if name in _MODELS and _MODELS[name] is not fn:
-            raise ConfigError("model", f"model {name!r} is already registered")
-        _MODELS[name] = fn
-        return fn
-
-    return deco
+    return _MODELS.register(name)
 
 
 def list_models() -> list[str]:
     """The registered model names, sorted."""
-    return sorted(_MODELS)
+    return _MODELS.names()
 
 
 def _jsonable(value: Any, field: str) -> Any:
@@ -58,10 +53,7 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
     An unknown name, an unknown or missing argument, or an invalid value raises
     :class:`ConfigError` naming it.
     """
-    try:
-        fn = _MODELS[name]
-    except (KeyError, TypeError):
-        raise ConfigError("model", f"unknown model {name!r} (known: {', '.join(list_models())})") from None
+    fn = _MODELS.lookup(name, "model")
     sig = inspect.signature(fn)
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
     unknown = [] if takes_any else [k for k in kwargs if k not in sig.parameters]

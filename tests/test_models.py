@@ -101,7 +101,7 @@ def test_build_model_errors_name_what_is_wrong():
 
 def test_registry_lists_and_extends(monkeypatch):
     assert {"lenet_300_100", "lenet5", "mlp"} <= set(list_models())
-    monkeypatch.setattr(models, "_MODELS", dict(models._MODELS))
+    monkeypatch.setattr(models, "_MODELS", models._MODELS.copy())
 
     @register_model("tiny")
     def tiny(width: int = 3) -> nn.Module:
