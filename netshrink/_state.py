@@ -66,3 +66,54 @@ def effective_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     """Like :func:`effective_tensors`, parameters only (buffers such as BN statistics left out)."""
     buffers = {f"{m}.{b}" if m else b for m, mod in model.named_modules() for b in mod._buffers}
     return {k: v for k, v in effective_tensors(model).items() if k not in buffers}
+
+
+# ---------------------------------------------------------------------------------------------- ties
+
+
+def _stored(module: nn.Module, name: str) -> torch.Tensor | None:
+    """The tensor that holds ``module.name``'s storage: the parametrization's ``original`` when there is one."""
+    plist = getattr(module, "parametrizations", None)
+    if plist is not None and name in plist:
+        return getattr(plist[name], "original", None)
+    return module._parameters.get(name)
+
+
+def storage_key(t: torch.Tensor) -> tuple:
+    """Two tensors with equal keys are one storage seen twice (same memory, offset, shape and strides)."""
+    if t.device.type == "meta":
+        return ("id", id(t))
+    return (t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+
+
+def tie_groups(model: nn.Module) -> list[list[str]]:
+    """Names of the parameters that share one storage (an embedding tied to an output layer), grouped;
+    only groups of two or more names, each in model order (the first name is the one kept)."""
+    groups: dict[tuple, list[str]] = {}
+    for mod_name, module in model.named_modules():
+        if "parametrizations" in mod_name.split("."):
+            continue
+        prefix = f"{mod_name}." if mod_name else ""
+        plist = getattr(module, "parametrizations", None)
+        names = list(module._parameters) + [n for n in (plist.keys() if plist is not None else ()) if n not in module._parameters]
+        for name in names:
+            t = _stored(module, name)
+            if t is not None:
+                groups.setdefault(storage_key(t), []).append(prefix + name)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def unique_parameters(model: nn.Module) -> dict[str, tuple[int, tuple[str, ...]]]:
+    """Every effective parameter once per storage: first name -> (elements, the other names tied to it)."""
+    aliases: dict[str, tuple[str, ...]] = {}
+    dropped: set[str] = set()
+    for group in tie_groups(model):
+        aliases[group[0]] = tuple(group[1:])
+        dropped.update(group[1:])
+    return {n: (int(t.numel()), aliases.get(n, ())) for n, t in effective_parameters(model).items() if n not in dropped}
+
+
+def unique_effective_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """:func:`effective_parameters` with each tied storage once, under its first name."""
+    dropped = {n for g in tie_groups(model) for n in g[1:]}
+    return {n: t for n, t in effective_parameters(model).items() if n not in dropped}

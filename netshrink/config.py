@@ -96,6 +96,11 @@ class BaseConfig:
     #: stages can name the new layers
     replaces_modules: ClassVar[bool] = False
 
+    #: a per-layer method that would skip a parameter (a layer type it does not handle, a layer its
+    #: parent reads directly) raises a ModelError naming the parameter and the reason instead
+    #: (:mod:`netshrink._coverage`); keyword-only, so subclasses keep their positional fields
+    strict: bool = dataclasses.field(default=False, kw_only=True)
+
     def __post_init__(self) -> None:
         hints = get_type_hints(type(self))
         for f in dataclasses.fields(self):

@@ -72,3 +72,17 @@ def make_permanent(model: nn.Module) -> nn.Module:
             for name in list(module.parametrizations.keys()):
                 remove_parametrization(module, name, leave_parametrized=True)
     return model
+
+
+def follow_parametrization(source: nn.Module, follower: nn.Module, name: str = "weight") -> None:
+    """Make ``follower.name`` (a weight tied to ``source.name``: one storage) use the same
+    parametrizations as ``source.name``, so the tie holds for the compressed value too: both modules
+    then compute with the one masked / shared weight, and training updates it once.
+
+    A parametrization already on ``follower`` is removed first without baking it in (the stored
+    weight is the source's, already updated).
+    """
+    if parametrization_of(follower, name) is not None:
+        remove_parametrization(follower, name, leave_parametrized=False)
+    for p in source.parametrizations[name]:
+        parametrize.register_parametrization(follower, name, p, unsafe=True)

@@ -20,12 +20,14 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .._layers import per_layer, select_layers
+from .._attention import converted_copy, prepare
+from .._coverage import Coverage, build_coverage
+from .._layers import ALL_KINDS, LayerPlan, per_layer, plan_layers
 from .._registry import handler, register
 from ..config import BaseConfig, check_range
 from ..errors import ConfigError
 from . import importance
-from ._mask import apply_mask, get_mask
+from ._mask import apply_mask, follow_parametrization, get_mask
 from ._select import geometric_schedule, global_masks, layer_masks, threshold_masks
 
 
@@ -66,8 +68,13 @@ class MagnitudeConfig(BaseConfig):
     def by_quality(self) -> bool:
         return self.quality is not None or bool(self.layer_quality)
 
+    def plan(self, model: nn.Module) -> LayerPlan:
+        """The layers pruned (every Linear, ConvNd, ConvTranspose, GPT-2 Conv1D and Embedding weight,
+        or those ``layers`` names) and why any other layer weight is not (see :func:`plan_layers`)."""
+        return plan_layers(model, self.layers, "magnitude", kinds=ALL_KINDS)
+
     def check_model(self, model: nn.Module) -> None:
-        layers = select_layers(model, self.layers)
+        layers = self.plan(converted_copy(model, self.layers)).layers
         per_layer(layers, self.layer_sparsity, 0.0, "layer_sparsity")
         per_layer(layers, self.layer_quality, 0.0, "layer_quality")
 
@@ -103,9 +110,11 @@ def _round_fractions(steps: int) -> list[float]:
 
 @dataclass
 class PruneResult:
-    """Per-layer sparsity (fraction of zeros in the effective weight) after a pruning call."""
+    """Per-layer sparsity (fraction of zeros in the effective weight) after a pruning call, and what was
+    done to each parameter (:class:`netshrink._coverage.Coverage`; None from methods that do not report it)."""
 
     sparsity: dict[str, float]
+    coverage: Coverage | None = field(default=None, kw_only=True)
 
     @property
     def overall(self) -> float:
@@ -126,8 +135,16 @@ def _scores(layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
 @handler(MagnitudeConfig)
 @torch.no_grad()
 def magnitude_prune(model: nn.Module, config: MagnitudeConfig, data=None) -> PruneResult:
-    """Apply ``config`` to ``model`` in place (one round; the runner expands ``steps``)."""
-    layers = select_layers(model, config.layers)
+    """Apply ``config`` to ``model`` in place (one round; the runner expands ``steps``).
+
+    Every ``nn.MultiheadAttention`` in scope is first converted to separate q/k/v/out projections (said in
+    ``result.coverage.notes``), so its packed ``in_proj_weight`` is pruned like any Linear. A weight tied to
+    another (one storage) is pruned once: its layers share one mask. ``strict``: a skipped weight is an error.
+    """
+    notes = prepare(model, config.layers, "magnitude")
+    plan = config.plan(model)
+    plan.check_strict("magnitude", config.strict)
+    layers = plan.layers
     scores = _scores(layers)
     if config.by_quality:
         quality = per_layer(layers, config.layer_quality, config.quality or 0.0, "layer_quality")
@@ -142,4 +159,8 @@ def magnitude_prune(model: nn.Module, config: MagnitudeConfig, data=None) -> Pru
         masks = layer_masks(scores, per_layer(layers, config.layer_sparsity, config.sparsity or 0.0, "layer_sparsity"))
     for n, m in layers.items():
         apply_mask(m, masks[n].to(m.weight.device))
-    return PruneResult({n: 1.0 - float((m.weight != 0).float().mean()) for n, m in layers.items()})
+        for alias in plan.aliases.get(n, ()):
+            follow_parametrization(m, model.get_submodule(alias))
+    sparsity = {n: 1.0 - float((m.weight != 0).float().mean()) for n, m in layers.items()}
+    done = {f"{n}.weight": f"pruned by magnitude to {sparsity[n]:.1%} zeros" for n in layers}
+    return PruneResult(sparsity, coverage=build_coverage(model, "magnitude", done, plan.skipped, plan.excluded, notes))
