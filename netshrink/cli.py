@@ -24,18 +24,33 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"netshrink: error: {message}\n")
 
 
+def _import_path(recipe_path: str) -> None:
+    """Let a recipe's ``package.module:function`` factories import from the current folder and the
+    recipe's folder (as ``python -m`` would), besides installed packages."""
+    for folder in (str(Path(recipe_path).resolve().parent), os.getcwd()):
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .recipe import load_recipe
-    from .pipeline import run_recipe
+    from .pipeline import prepare, run_recipe
     from .report import stage_cells, STAGE_COLUMNS, text_table
 
+    _import_path(args.recipe)
     recipe = load_recipe(args.recipe)
+    if args.check:
+        ready = prepare(recipe)
+        print(f"recipe {recipe.name}: valid; model {recipe.model} ({sum(p.numel() for p in ready.model.parameters()):,} parameters), "
+              f"data {ready.splits.name} ({', '.join(f'{k} {v:,}' for k, v in ready.splits.sizes.items())}), task {recipe.task.name}, "
+              f"{len(recipe.expanded())} stages; nothing written")
+        return 0
     logging.getLogger("netshrink.train").setLevel(logging.INFO)  # a line per epoch where no bar shows
     out = Path(args.out) if args.out else Path("runs") / Path(args.recipe).stem
     print(f"recipe {recipe.name}: {len(recipe.expanded())} stages -> {out}", flush=True)
 
     def on_row(row) -> None:
-        print(f"  done: {row.stage:<18} test error {100 * row.test_error:.2f}%  non-zeros {row.nonzeros:,}  {row.bytes:,} bytes  {row.ratio:.1f}x", flush=True)
+        print(f"  done: {row.stage:<18} test {recipe.task.format(row.test_error)}  non-zeros {row.nonzeros:,}  {row.bytes:,} bytes  {row.ratio:.1f}x", flush=True)
 
     try:
         result = run_recipe(recipe, out, resume=args.resume, force=args.force, progress=not args.no_progress, on_row=on_row)
@@ -145,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     r.add_argument("--force", action="store_true", help="discard an earlier run in --out and start over")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--check", action="store_true",
+                   help="only check the recipe: build the model, load the data, run one batch through the model, loss and metric; write nothing")
     r.set_defaults(fn=_cmd_run)
 
     i = sub.add_parser("info", help="per-layer breakdown of an .nsk file")

@@ -12,6 +12,12 @@ losing it:
 A resumed stage restores the previous stage's file with its masks and codebooks, re-applies the
 stage's method (deterministic), then continues its fine-tuning from the last finished epoch.
 
+Before anything is written, :func:`prepare` builds the model, loads the data and runs one batch through
+the model, the task's loss and its metric: a model that rejects the inputs, a loss that is not a scalar
+or a metric that fails is one clear error, and the output folder is not touched. The recipe's task is
+given to the Trainer, to every evaluation and to every stage's handler (:class:`HandlerContext`); the
+example inputs of MACs and timing are the task's (``task.example(data)``).
+
 A stage whose fine-tuning has a ``distill`` block (or a recipe with a ``distill`` default) fine-tunes
 with :class:`netshrink.distill.finetune.DistillFinetuneLoss`: the teacher is the trained baseline
 (``teacher: baseline``, the default) or a frozen copy of the model just before the stage's method ran
@@ -35,13 +41,14 @@ from torch import nn
 
 from . import metrics
 from ._fileio import atomic_write_bytes, atomic_write_text, cache_root
-from ._registry import handler_for
+from ._registry import HandlerContext, run_handler
 from ._state import weight_state
 from ._layers import weight_layers
-from .errors import NetshrinkError
+from .errors import DataError, ModelError, NetshrinkError
 from .pack import load as load_nsk, pack
 from .pack.stage import CodingChoice
 from .recipe import Recipe, Stage
+from .task import Inputs, Task, batches
 from .train import TrainConfig, Trainer
 
 log = logging.getLogger("netshrink.pipeline")
@@ -65,6 +72,8 @@ class Row:
     coding: str
     seconds: float
     file: str | None = None
+    #: the task's metric that ``test_error`` and ``val_error`` hold ("error", "perplexity", "mse")
+    metric: str = "error"
 
 
 @dataclass
@@ -113,10 +122,17 @@ class Speed:
         return out
 
 
-def measure_speed(baseline: nn.Module, compressed: nn.Module, example: torch.Tensor) -> Speed:
+def example_arg(example: Any) -> Any:
+    """What :mod:`netshrink.metrics` takes as an example input: the tensor of a one-tensor input, else the Inputs."""
+    if isinstance(example, Inputs) and len(example.args) == 1 and not example.kwargs and isinstance(example.args[0], torch.Tensor):
+        return example.args[0]
+    return example
+
+
+def measure_speed(baseline: nn.Module, compressed: nn.Module, example: Any) -> Speed:
     """Time the dense baseline and the compressed model in turns (:func:`netshrink.metrics.compare_latency`)."""
-    shape = tuple(example.shape[1:])
-    timed = metrics.compare_latency({"baseline": baseline, "compressed": compressed}, shape, batch_sizes=(1, 64), runs=20)
+    example = example_arg(example)
+    timed = metrics.compare_latency({"baseline": baseline, "compressed": compressed}, example, batch_sizes=(1, 64), runs=20)
     sizes = list(timed["baseline"])
     return Speed(
         batch_sizes=sizes,
@@ -128,22 +144,89 @@ def measure_speed(baseline: nn.Module, compressed: nn.Module, example: torch.Ten
     )
 
 
-def _example_input(dataset) -> torch.Tensor:
-    x, _ = dataset[0]
-    return x.unsqueeze(0)
+@dataclass
+class Prepared:
+    """A recipe's model, data, task and example inputs, checked to work together."""
+
+    model: nn.Module
+    splits: Any
+    task: Task
+    example: Inputs
 
 
-def _measure(model: nn.Module, splits, example: torch.Tensor, coding: str, stage: str, method: str, seconds: float, packed: int | None) -> Row:
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def _describe(inputs: Inputs) -> str:
+    def one(t: Any) -> str:
+        return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" if isinstance(t, torch.Tensor) else type(t).__name__
+    parts = [one(a) for a in inputs.args] + [f"{k} {one(v)}" for k, v in inputs.kwargs.items()]
+    return ", ".join(parts) or "no inputs"
+
+
+def check_batch(model: nn.Module, task: Task, data: Any, n: int = 2) -> None:
+    """Run ``n`` examples of ``data`` through ``model``, the task's loss and its metric (eval mode, no
+    gradients); whatever fails is one line: :class:`ModelError` for the model, :class:`DataError` for the
+    loss or the metric."""
+    batch = next(iter(batches(data, n)), None)
+    if batch is None:
+        raise DataError("the training split is empty")
+    inputs, target = task.split(batch)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            try:
+                out = task.forward(model, inputs)
+            except NetshrinkError:
+                raise
+            except Exception as err:  # the user's model: any exception, in one line
+                raise ModelError(f"the model rejects the example inputs ({_describe(inputs)}): {_first_line(err)}") from None
+            try:
+                task.compute_loss(out, target)
+            except NetshrinkError:
+                raise
+            except Exception as err:
+                raise DataError(f"task {task.name!r}: the loss failed on outputs {tuple(out.shape)}: {_first_line(err)}") from None
+            metric = task.metric()
+            try:
+                metric.update(out, target)
+                metric.compute()
+            except NetshrinkError:
+                raise
+            except Exception as err:
+                raise DataError(f"task {task.name!r}: the metric {getattr(metric, 'name', type(metric).__name__)!r} failed: {_first_line(err)}") from None
+    finally:
+        model.train(was_training)
+
+
+def prepare(recipe: Recipe) -> Prepared:
+    """The recipe's model (weights loaded), data and task, checked on one batch; nothing is written."""
+    splits = recipe.load_data()
+    model = recipe.build_model()
+    task = recipe.task
+    check_batch(model, task, splits.train)
+    example = task.example(splits.test, 1)
+    return Prepared(model, splits, task, example)
+
+
+def _measure(model: nn.Module, splits, example: Any, coding: str, stage: str, method: str, seconds: float, packed: int | None,
+             task: Task | None = None) -> Row:
+    from .task import DEFAULT_TASK
+
+    task = task or DEFAULT_TASK
     params = metrics.count_params(model)
     nnz = metrics.count_nonzeros(model)
     fp32 = metrics.fp32_bytes(model)
     size = fp32 if packed is None else packed
-    mac = metrics.macs(model, example)
+    mac = metrics.macs(model, example_arg(example))
     return Row(
         stage=stage,
         method=method,
-        test_error=metrics.error_rate(model, splits.test),
-        val_error=metrics.error_rate(model, splits.val),
+        test_error=task.evaluate(model, splits.test),
+        val_error=task.evaluate(model, splits.val),
         params=params,
         nonzeros=nnz,
         bytes=size,
@@ -153,6 +236,7 @@ def _measure(model: nn.Module, splits, example: torch.Tensor, coding: str, stage
         macs_effective=int(mac.effective),
         coding=coding,
         seconds=seconds,
+        metric=task.metric_name,
     )
 
 
@@ -165,14 +249,60 @@ def _snapshot(model: nn.Module) -> dict[str, list[float]]:
     return out
 
 
-def baseline_cache_path(recipe: Recipe) -> Path:
-    key = json.dumps(
-        {"model": recipe.model, "args": recipe.model_args, "data": recipe.data, "seed": recipe.seed, "train": _train_key(recipe.train)},
-        sort_keys=True,
-    )
+def _file_digest(path: Path) -> str:
     import hashlib
 
-    return cache_root() / "baselines" / f"{recipe.model}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _code_digest(spec: str) -> str:
+    """The content of the module a ``package.module:function`` factory lives in (a changed factory is a new baseline)."""
+    import sys
+
+    mod = sys.modules.get(spec.split(":", 1)[0])
+    file = getattr(mod, "__file__", None)
+    return _file_digest(Path(file)) if file and Path(file).is_file() else spec
+
+
+def _content_key(recipe: Recipe) -> dict[str, Any]:
+    """What a user's model and data are made of, beyond their names: file contents and factory code."""
+    from ._plugins import is_object_spec
+    from .data import dataset_names
+
+    key: dict[str, Any] = {}
+    if recipe.user_model:
+        key["model_code"] = _code_digest(recipe.model)
+    if recipe.weights is not None:
+        key["weights"] = _file_digest(Path(recipe.weights))
+    if is_object_spec(recipe.data):
+        key["data_code"] = _code_digest(recipe.data)
+    elif recipe.data not in dataset_names():
+        key["data_file"] = _file_digest(Path(recipe.data))
+    if recipe.data_args:
+        key["data_args"] = recipe.data_args
+    if "task" in recipe.source:
+        key["task"] = recipe.source["task"]
+    return key
+
+
+def baseline_cache_path(recipe: Recipe) -> Path:
+    key = json.dumps(
+        {"model": recipe.model, "args": recipe.model_args, "data": recipe.data, "seed": recipe.seed, "train": _train_key(recipe.train),
+         **_content_key(recipe)},
+        sort_keys=True, default=str,
+    )
+    import hashlib
+    import re
+
+    stem = re.sub(r"[^\w.-]", "_", recipe.model)[:80]
+    return cache_root() / "baselines" / f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
 
 
 def _train_key(cfg: TrainConfig) -> dict[str, Any]:
@@ -202,7 +332,7 @@ def train_baseline(recipe: Recipe, model: nn.Module, splits, out_dir: Path, *, r
             log.warning("cached baseline %s unreadable (%s); training again", path, err)
     if recipe.train.epochs == 0:
         return
-    trainer = Trainer(model, _with_seed(recipe.train, recipe.seed, progress))
+    trainer = Trainer(model, _with_seed(recipe.train, recipe.seed, progress), task=recipe.task)
     trainer.fit(splits.train, splits.val, checkpoint_dir=out_dir / "checkpoints" / "baseline", resume=resume)
     from safetensors.torch import save
 
@@ -212,18 +342,18 @@ def train_baseline(recipe: Recipe, model: nn.Module, splits, out_dir: Path, *, r
     shutil.rmtree(out_dir / "checkpoints" / "baseline", ignore_errors=True)
 
 
-def _finetune(model: nn.Module, stage: Stage, teacher: nn.Module | None, splits, example: torch.Tensor,
-              cfg: TrainConfig, checkpoint_dir: Path, resume: bool) -> None:
-    """Fine-tune after a stage: plain cross-entropy, or distillation from ``teacher``."""
+def _finetune(model: nn.Module, stage: Stage, teacher: nn.Module | None, splits, example: Any,
+              cfg: TrainConfig, checkpoint_dir: Path, resume: bool, task: Task | None = None) -> None:
+    """Fine-tune after a stage: the task's loss, or distillation from ``teacher``."""
     if teacher is None:
-        Trainer(model, cfg).fit(splits.train, splits.val, checkpoint_dir=checkpoint_dir, resume=resume)
+        Trainer(model, cfg, task=task).fit(splits.train, splits.val, checkpoint_dir=checkpoint_dir, resume=resume)
         return
     from .distill.finetune import DistillFinetuneLoss, check_teacher_fits
 
-    check_teacher_fits(teacher, model, example, stage.distill_field)
+    check_teacher_fits(teacher, model, example_arg(example), stage.distill_field)
     kd = DistillFinetuneLoss(teacher, model, stage.distill)
     try:
-        Trainer(model, cfg, loss_fn=kd.hard_loss, extra_loss=kd).fit(
+        Trainer(model, cfg, loss_fn=kd.hard_loss, extra_loss=kd, task=task).fit(
             splits.train, splits.val, checkpoint_dir=checkpoint_dir, resume=resume
         )
     finally:
@@ -266,19 +396,18 @@ def run_recipe(
     on_row: Callable[[Row], None] | None = None,
 ) -> RunResult:
     """Run ``recipe`` end to end into ``out_dir``; see the module docstring for what is written."""
-    from .data import load_dataset
-    from .models import build_model
-
     out_dir = Path(out_dir)
-    _check_out_dir(recipe, out_dir, resume, force)
     torch.manual_seed(recipe.seed)
-    splits = load_dataset(recipe.data)
-    model = build_model(recipe.model, **recipe.model_args)
-    example = _example_input(splits.test)
+    ready = prepare(recipe)  # before the output folder is touched
+    splits, model, task, example = ready.splits, ready.model, ready.task, ready.example
+    _check_out_dir(recipe, out_dir, resume, force)
+
+    def fresh() -> nn.Module | None:  # the module a user's model is loaded into (a zoo model is rebuilt from the file)
+        return recipe.build_model(weights=False) if recipe.user_model else None
 
     t0 = time.perf_counter()
     train_baseline(recipe, model, splits, out_dir, resume=resume, progress=progress)
-    rows = [_measure(model, splits, example, "dense fp32", "baseline", "baseline", time.perf_counter() - t0, None)]
+    rows = [_measure(model, splits, example, "dense fp32", "baseline", "baseline", time.perf_counter() - t0, None, task)]
     if on_row:
         on_row(rows[-1])
 
@@ -298,7 +427,7 @@ def run_recipe(
         if resume and done.exists() and path.exists():
             saved = json.loads(done.read_text())
             coding = saved["coding"]
-            model = load_nsk(path, restore=True)
+            model = load_nsk(path, fresh(), restore=True)
             rows.append(Row(**saved["row"]))
             log.info("stage %d (%s) already done: %s", i, stage.label, path)
         else:
@@ -307,16 +436,16 @@ def run_recipe(
             teacher = None
             if tuned and stage.distill is not None:
                 teacher = baseline if stage.distill.teacher == "baseline" else freeze_teacher(copy.deepcopy(model))
-            outcome = handler_for(stage.config)(model, stage.config, data=splits)
+            outcome = run_handler(model, stage.config, HandlerContext(data=splits, task=task, example=example))
             if isinstance(outcome, CodingChoice):
                 coding = outcome.coding
             if tuned:
                 _finetune(model, stage, teacher, splits, example, _with_seed(stage.finetune, recipe.seed + i, progress),
-                          out_dir / "checkpoints" / f"stage-{i:02d}", resume)
+                          out_dir / "checkpoints" / f"stage-{i:02d}", resume, task)
             seconds = time.perf_counter() - t0
             path.parent.mkdir(parents=True, exist_ok=True)
             packed = pack(model, path, coding=coding)
-            row = _measure(model, splits, example, coding, stage.label, stage.config.method, seconds, packed.total_bytes)
+            row = _measure(model, splits, example, coding, stage.label, stage.config.method, seconds, packed.total_bytes, task)
             row.file = str(path)
             # the row is written after the packed file: a stage counts as done only when both exist
             atomic_write_text(done, json.dumps({"coding": coding, "row": dataclasses.asdict(row)}, indent=2))
@@ -333,7 +462,7 @@ def run_recipe(
         pack(model, model_path, coding=coding)
     else:
         atomic_write_bytes(model_path, last_file.read_bytes())
-    speed = measure_speed(baseline, load_nsk(model_path), example)
+    speed = measure_speed(baseline, load_nsk(model_path, fresh()), example)
     result = RunResult(rows, out_dir, model_path, model, snapshots, speed=speed)
     results = {"recipe": recipe.name, "rows": [dataclasses.asdict(r) for r in rows], "speed": dataclasses.asdict(speed)}
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2))

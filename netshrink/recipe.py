@@ -2,9 +2,15 @@
 
 A recipe::
 
-    model: lenet_300_100        # a zoo name (netshrink.models)
-    model_args: {}              # optional keyword arguments of the zoo constructor
-    data: mnist                 # mnist | digits
+    model: lenet_300_100        # a zoo name (netshrink.models), or my_pkg.my_module:build_model
+    model_args: {}              # optional keyword arguments of the zoo constructor or the factory
+    weights: net.safetensors    # optional: weights loaded into the built model (safetensors, or a
+                                # torch state dict read with weights_only=True)
+    data: mnist                 # a registered data set (mnist, digits, plugins), an .npz file, a folder
+                                # of MNIST IDX files, or my_pkg.data:make_splits
+    data_args: {}               # optional keyword arguments of the data set, .npz reader or factory
+    task: classification        # optional: classification | language_modeling | regression,
+                                # {name: ..., target_key: ...}, or my_pkg.tasks:make_task
     seed: 0
     train: {epochs: 30, lr: 0.05, ...}     # baseline training (TrainConfig fields)
     stages:
@@ -18,6 +24,9 @@ A recipe::
 
 Every error names its field (``stages[1].bits: must lie in [1, 16], got 20``). Methods resolve only
 through the registry. Layer names are checked against a freshly built model before anything runs.
+Relative paths (``weights``, ``data``) are taken from the recipe's folder when the file is there, else
+from the current folder. ``package.module:attribute`` names the user's own Python: the module is
+imported (that runs its code, as a script would); nothing read from a data or weights file runs code.
 """
 
 from __future__ import annotations
@@ -30,12 +39,14 @@ from typing import Any
 
 import yaml
 
-from ._registry import config_type, handler_for
+from ._plugins import call_factory, is_object_spec
+from ._registry import HandlerContext, config_type, run_handler
 from .config import BaseConfig
-from .errors import ConfigError, NetshrinkError
+from .errors import ConfigError, DataError, ModelError, NetshrinkError
+from .task import Task, resolve_task
 from .train import TrainConfig
 
-_TOP_KEYS = {"name", "model", "model_args", "data", "seed", "train", "stages", "distill"}
+_TOP_KEYS = {"name", "model", "model_args", "weights", "data", "data_args", "task", "seed", "train", "stages", "distill"}
 _STAGE_KEYS = {"method", "label", "finetune"}
 
 
@@ -62,6 +73,28 @@ class Recipe:
     train: TrainConfig
     stages: list[Stage] = field(default_factory=list)
     source: dict[str, Any] = field(default_factory=dict)
+    #: a file of weights loaded into the built model (resolved path), or None
+    weights: str | None = None
+    data_args: dict[str, Any] = field(default_factory=dict)
+    task: Task = field(default_factory=resolve_task)
+
+    @property
+    def user_model(self) -> bool:
+        """Whether the model comes from the user's factory (``package.module:function``), not the zoo."""
+        return is_object_spec(self.model)
+
+    def build_model(self, *, weights: bool = True):
+        """The recipe's model: the zoo's or the factory's, with ``weights`` loaded when the recipe names them."""
+        model = build_recipe_model(self.model, self.model_args)
+        if weights and self.weights is not None:
+            load_weights(model, self.weights)
+        return model
+
+    def load_data(self):
+        """The recipe's :class:`~netshrink.data.Splits`."""
+        from ._datasource import resolve_data
+
+        return resolve_data(self.data, self.data_args)
 
     def fingerprint(self) -> str:
         """A short hash of the recipe's content: a resumed run must match the run it continues."""
@@ -87,8 +120,22 @@ def _require(mapping: dict, key: str, where: str, kind: type) -> Any:
     return value
 
 
-def parse_recipe(data: Any, *, check_model: bool = True) -> Recipe:
-    """Validate a recipe mapping (already parsed from YAML)."""
+def _path(value: str, base: Path | None) -> Path:
+    p = Path(value).expanduser()
+    if not p.is_absolute() and base is not None and (base / p).exists():
+        return base / p
+    return p
+
+
+def _mapping(data: dict, key: str) -> dict[str, Any]:
+    value = data.get(key) or {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ConfigError(key, f"expected a mapping, got {value!r}")
+    return value
+
+
+def parse_recipe(data: Any, *, check_model: bool = True, base: str | Path | None = None) -> Recipe:
+    """Validate a recipe mapping (already parsed from YAML); ``base``: the folder relative paths start from."""
     if not isinstance(data, dict):
         raise ConfigError("recipe", "expected a mapping at the top level")
     for key in data:
@@ -97,15 +144,33 @@ def parse_recipe(data: Any, *, check_model: bool = True) -> Recipe:
     from .data import dataset_names
     from .models import list_models
 
+    base = Path(base) if base is not None else None
     model = _require(data, "model", "", str)
-    if model not in list_models():
-        raise ConfigError("model", f"unknown model {model!r} (known: {', '.join(list_models())})")
-    model_args = data.get("model_args") or {}
-    if not isinstance(model_args, dict):
-        raise ConfigError("model_args", f"expected a mapping, got {model_args!r}")
+    if not is_object_spec(model) and model not in list_models():
+        raise ConfigError("model", f"unknown model {model!r} (known: {', '.join(list_models())}; "
+                                   "or a factory 'package.module:function')")
+    model_args = _mapping(data, "model_args")
+    weights = data.get("weights")
+    if weights is not None:
+        if not isinstance(weights, str) or not weights:
+            raise ConfigError("weights", f"expected a path to a .safetensors or torch state-dict file, got {weights!r}")
+        wpath = _path(weights, base)
+        if not wpath.is_file():
+            raise ConfigError("weights", f"{wpath}: file not found")
+        weights = str(wpath)
     data_name = data.get("data", "mnist")
-    if data_name not in dataset_names():
-        raise ConfigError("data", f"unknown data set {data_name!r} (known: {', '.join(dataset_names())})")
+    if not isinstance(data_name, str) or not data_name:
+        raise ConfigError("data", f"expected a data set name, a path or 'package.module:function', got {data_name!r}")
+    data_args = _mapping(data, "data_args")
+    if not is_object_spec(data_name) and data_name not in dataset_names():
+        dpath = _path(data_name, base)
+        if not dpath.exists():
+            raise ConfigError("data", f"unknown data set {data_name!r} (known: {', '.join(dataset_names())}; "
+                                      "or an .npz file, a folder of MNIST IDX files, or 'package.module:function')")
+        if not dpath.is_dir() and dpath.suffix != ".npz":
+            raise ConfigError("data", f"{dpath}: not an .npz file or a folder of MNIST IDX files")
+        data_name = str(dpath)
+    task = parse_task(data.get("task"))
     seed = data.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError("seed", f"expected an integer, got {seed!r}")
@@ -149,6 +214,9 @@ def parse_recipe(data: Any, *, check_model: bool = True) -> Recipe:
         train=train,
         stages=stages,
         source=data,
+        weights=weights,
+        data_args=data_args,
+        task=task,
     )
     if check_model:
         check_against_model(recipe)
@@ -157,11 +225,11 @@ def parse_recipe(data: Any, *, check_model: bool = True) -> Recipe:
 
 def check_against_model(recipe: Recipe) -> None:
     """Build the recipe's model once and check every stage against it (layer names, shapes)."""
-    from .models import build_model
-
     try:
-        model = build_model(recipe.model, **recipe.model_args)
+        model = recipe.build_model(weights=False)
     except ConfigError as err:
+        if recipe.user_model:
+            raise
         raise err.under("model_args") from None
     check_input(model, recipe.data, "data")
     import copy
@@ -172,7 +240,7 @@ def check_against_model(recipe: Recipe) -> None:
         try:
             st.config.check_model(model)
             if st.config.replaces_modules:  # later stages may name the layers this one creates
-                handler_for(st.config)(model, st.config, data=None)
+                run_handler(model, st.config, HandlerContext(data=None, task=recipe.task))
         except ConfigError as err:
             raise err.under(f"stages[{i}]") from None
         if st.distill is not None:  # hint layers: the teacher's before the stage, the student's after it
@@ -214,4 +282,78 @@ def load_recipe(path: str | Path) -> Recipe:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError("recipe", f"{path}: not valid YAML{where}: {problem}") from None
-    return parse_recipe(data)
+    return parse_recipe(data, base=path.parent)
+
+
+# ------------------------------------------------------------------------------ models, weights, tasks
+
+
+def build_recipe_model(spec: str, args: dict[str, Any]):
+    """A zoo model (:func:`netshrink.models.build_model`) or what the factory ``package.module:function``
+    builds with ``args``; anything else than an ``nn.Module`` is a :class:`ConfigError`."""
+    from torch import nn
+
+    from .models import build_model
+
+    if not is_object_spec(spec):
+        return build_model(spec, **args)
+    model = call_factory(spec, dict(args), "model", "the model")
+    if not isinstance(model, nn.Module):
+        raise ConfigError("model", f"the factory {spec!r} returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def load_weights(model, path: str | Path, field: str = "weights") -> None:
+    """Load a state dict into ``model``: a ``.safetensors`` file, or a torch file read with
+    ``torch.load(weights_only=True)`` (a dict of tensors, or one under ``state_dict``). Names and
+    shapes must match the model's exactly; any mismatch is one :class:`ModelError` line."""
+    import torch
+
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(field, f"{path}: file not found") from None
+    except Exception as err:  # a corrupt file, or a pickle that weights_only refuses
+        kind = "safetensors" if path.suffix == ".safetensors" else "torch state-dict (read with weights_only=True)"
+        raise DataError(f"{path}: not a readable {kind} file: {_first_line(err)}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise DataError(f"{path}: expected a dict of named tensors (a state dict), got {type(state).__name__}")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    if missing or extra:
+        what = f"the model's {missing[0]!r} is not in the file" if missing else f"the file's {extra[0]!r} is not in the model"
+        raise ModelError(f"{path}: {what} ({len(missing)} missing, {len(extra)} unexpected)")
+    for k, v in own.items():
+        if tuple(v.shape) != tuple(state[k].shape):
+            raise ModelError(f"{path}: {k!r} has shape {list(state[k].shape)} in the file, {list(v.shape)} in the model")
+    model.load_state_dict(state)
+
+
+def parse_task(spec: Any, field: str = "task") -> Task:
+    """The recipe's task: None (classification), a registered name, ``{name: ..., <args>}``, or a factory
+    ``package.module:function`` (optionally ``{name: 'pkg.mod:fn', <its args>}``) returning a Task."""
+    args: dict[str, Any] = {}
+    name = spec
+    if isinstance(spec, dict):
+        args = {k: v for k, v in spec.items() if k != "name"}
+        name = spec.get("name")
+    if is_object_spec(name):
+        task = call_factory(name, args, field, "a Task")
+        if not isinstance(task, Task):
+            raise ConfigError(field, f"the factory {name!r} returned a {type(task).__name__}, not a netshrink.task.Task")
+        return task
+    return resolve_task(spec, field)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
