@@ -3,8 +3,10 @@
 **Sensitivity sweep** (the per-layer analysis of Han et al., "Learning both Weights and Connections
 for Efficient Neural Networks", NeurIPS 2015, Fig. 5; Li et al., "Pruning Filters for Efficient
 ConvNets", ICLR 2017, Fig. 2). Each layer ``l`` alone is pruned to every sparsity ``s`` of a grid
-(the rest of the network dense) with any registered criterion, and the validation error ``e_l(s)``
-and cross-entropy ``L_l(s)`` are measured on a fixed, seeded subset of the validation split. The
+(the rest of the network dense) with any registered criterion, and the task's validation metric
+``e_l(s)`` (top-1 error by default; perplexity for a language model, MSE for regression) and loss
+``L_l(s)`` are measured on a fixed, seeded subset of the validation split
+(:func:`netshrink._allocate.evaluate`; batches as tuples or dicts, read through the task). The
 curves are written as CSV and plotted as PNG (:meth:`SensitivityCurves.to_csv`, :meth:`plot`).
 
 **Allocation.** Per-layer sparsities ``s_l`` are chosen to meet a global budget with the least
@@ -15,7 +17,8 @@ predicted loss, under the usual additive model of layer damage (the curves of si
 
 with ``n_l`` the layer's weights, ``keep_l(s) = n_l − round(s n_l)``, and ``c_l = 1`` for a parameter
 budget or ``c_l = MACs_l / n_l`` (MACs per weight of one example) for a MAC budget. This is a
-multiple-choice knapsack, solved exactly by dynamic programming over the integer costs (divided by
+multiple-choice knapsack, solved exactly by dynamic programming over the integer costs
+(:func:`netshrink._allocate.knapsack_min`, shared with ``rank_budget``, ``mixed_precision`` and ``auto_channel``) (divided by
 their gcd). Where that needs more than ``resolution`` units, the budget is cut into ``resolution``
 units and every cost rounded *up* — the answer still meets the true budget, but may leave up to
 ``layers/resolution`` of it unused. A budget that even the
@@ -29,7 +32,6 @@ import copy
 import csv
 import json
 import logging
-import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,14 +40,13 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
 
+from .._allocate import eval_subset, evaluate, glob_escape, knapsack_min, layer_macs, val_source
 from .._layers import select_layers
-from .._registry import config_type, handler, handler_for, method_info, register
+from .._registry import HandlerContext, config_type, handler, method_info, register, run_handler
 from ..config import BaseConfig, check_range
 from ..errors import ConfigError
-from ..metrics import macs as count_macs
-from ._criteria import device_of, eval_mode
+from ..task import Task, resolve_task
 from ._select import keep_count
 from .magnitude import PruneResult
 
@@ -73,6 +74,8 @@ class SensitivityCurves:
     macs: dict[str, int]
     criterion: str = "magnitude"
     samples: int = 0
+    #: what ``error`` holds: the task's metric (``error``, ``perplexity``, ``mse``)
+    metric_name: str = "error"
 
     @property
     def layers(self) -> list[str]:
@@ -108,44 +111,20 @@ class SensitivityCurves:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig = Figure(figsize=(6.4, 4.2), dpi=110)
         ax = fig.subplots()
-        scale = 100.0 if metric == "error" else 1.0
+        scale = 100.0 if metric == "error" and self.metric_name == "error" else 1.0
         for n in self.layers:
             values = self.error[n] if metric == "error" else self.loss[n]
             ax.plot(self.sparsities, [v * scale for v in values], marker="o", markersize=3, label=f"{n} ({self.params[n]:,} w)")
         ax.axhline((self.base_error if metric == "error" else self.base_loss) * scale, color="gray", linestyle="--", linewidth=1, label="dense")
         ax.set_xlabel("sparsity of the layer (others dense)")
-        ax.set_ylabel("validation error (%)" if metric == "error" else "validation cross-entropy")
+        label = "validation error (%)" if self.metric_name == "error" else f"validation {self.metric_name}"
+        ax.set_ylabel(label if metric == "error" else "validation loss")
         ax.set_title(f"sensitivity ({self.criterion}, {self.samples} validation samples)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(path)
         return path
-
-
-def _eval_tensors(data: Dataset, samples: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    n = len(data)  # type: ignore[arg-type]
-    if n == 0:
-        raise ConfigError("data", "the evaluation split is empty")
-    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(samples, n)]
-    if isinstance(data, TensorDataset) and len(data.tensors) == 2:
-        return data.tensors[0][idx], data.tensors[1][idx]
-    items = [data[int(i)] for i in idx]
-    return torch.stack([torch.as_tensor(x) for x, _ in items]), torch.as_tensor([int(y) for _, y in items])
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> tuple[float, float]:
-    """Top-1 error and mean cross-entropy of ``model`` on ``(x, y)`` in eval mode."""
-    dev = device_of(model)
-    wrong, loss = 0, 0.0
-    with eval_mode(model):
-        for i in range(0, len(x), batch_size):
-            out = model(x[i : i + batch_size].to(dev))
-            t = y[i : i + batch_size].to(dev)
-            wrong += int((out.argmax(1) != t).sum())
-            loss += float(nn.functional.cross_entropy(out.float(), t, reduction="sum"))
-    return wrong / len(x), loss / len(x)
 
 
 def _criterion_config(criterion: str, args: dict[str, Any], **fields: Any) -> BaseConfig:
@@ -164,10 +143,6 @@ def _check_criterion(criterion: str, args: dict[str, Any]) -> None:
             raise ConfigError(f"criterion_args.{key}", "set by the sensitivity analysis")
 
 
-def _glob_escape(name: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
-
-
 def sensitivity_sweep(
     model: nn.Module,
     data: Any,
@@ -177,25 +152,25 @@ def sensitivity_sweep(
     criterion_args: dict[str, Any] | None = None,
     samples: int = 2000,
     seed: int = 0,
+    task: Task | str | None = None,
 ) -> SensitivityCurves:
     """Prune each chosen layer alone to every sparsity of ``grid`` (on a copy of ``model``) with
-    ``criterion`` and measure error and loss on ``samples`` seeded examples of the validation split
-    (``data.val`` of a ``Splits``, or a Dataset). ``data`` itself goes to data-driven criteria."""
+    ``criterion`` and measure the task's metric and loss on ``samples`` seeded examples of the
+    validation split (``data.val`` of a ``Splits``, or a Dataset / DataLoader of batches in any form
+    ``task`` splits). ``data`` itself (and ``task``) go to data-driven criteria."""
+    task = resolve_task(task)
     args = dict(criterion_args or {})
     _check_criterion(criterion, args)
     grid = sorted({float(s) for s in grid})
     for s in grid:
         check_range("grid", s, 0.0, 1.0, hi_open=True)
-    val = getattr(data, "val", data)
-    if not isinstance(val, Dataset):
-        raise ConfigError("data", "the sensitivity sweep needs a Splits (its val split) or a Dataset")
-    x, y = _eval_tensors(val, samples, seed)
+    subset = eval_subset(val_source(data, "the sensitivity sweep"), samples, seed, task=task)
     chosen = select_layers(model, layers)
-    report = count_macs(model, x[:1].to(device_of(model)))
-    macs = {n: next((lm.dense for lm in report.layers if lm.name == n), 0) for n in chosen}
-    base_error, base_loss = evaluate(model, x, y)
+    macs = layer_macs(model, chosen, subset.example(task))
+    base_error, base_loss = evaluate(model, subset, task=task)
     errors: dict[str, list[float]] = {}
     losses: dict[str, list[float]] = {}
+    ctx = HandlerContext(data=data, task=task)
     for n in chosen:
         errors[n], losses[n] = [], []
         for s in grid:
@@ -203,14 +178,15 @@ def sensitivity_sweep(
                 e, lo = base_error, base_loss
             else:
                 clone = copy.deepcopy(model)
-                cfg = _criterion_config(criterion, args, sparsity=s, layers=[_glob_escape(n)])
-                handler_for(cfg, family="prune")(clone, cfg, data=data)
-                e, lo = evaluate(clone, x, y)
+                cfg = _criterion_config(criterion, args, sparsity=s, layers=[glob_escape(n)])
+                run_handler(clone, cfg, ctx)
+                e, lo = evaluate(clone, subset, task=task)
             errors[n].append(e)
             losses[n].append(lo)
-        log.info("sensitivity %s: error %s", n, ", ".join(f"{s:.2f}:{e:.4f}" for s, e in zip(grid, errors[n])))
+        log.info("sensitivity %s: %s %s", n, task.metric_name, ", ".join(f"{s:.2f}:{e:.4f}" for s, e in zip(grid, errors[n])))
     params = {n: int(m.weight.numel()) for n, m in chosen.items()}
-    return SensitivityCurves(list(grid), base_error, base_loss, errors, losses, params, macs, criterion, len(x))
+    return SensitivityCurves(list(grid), base_error, base_loss, errors, losses, params, macs, criterion, subset.samples,
+                             task.metric_name)
 
 
 # ---------------------------------------------------------------------------------- allocation
@@ -233,49 +209,6 @@ class Allocation:
     def reduction(self) -> float:
         """``1 − kept/total``: the fraction of the budgeted resource removed."""
         return 1.0 - self.kept / self.total if self.total else 0.0
-
-
-def knapsack_min(costs: Sequence[np.ndarray], values: Sequence[np.ndarray], capacity: float, resolution: int = 1_000_000) -> list[int]:
-    """The multiple-choice knapsack under :func:`allocate` (and the per-layer bits of
-    :mod:`netshrink.quantize.mixed`): one option ``j_g`` per group ``g``, minimising ``Σ values[g][j_g]``
-    subject to ``Σ costs[g][j_g] ≤ capacity``, costs non-negative integers. Exact DP over the costs
-    divided by their gcd; beyond ``resolution`` units, coarser units with every cost rounded up (the
-    answer still fits). Ties keep the lower option index. The caller checks that the cheapest option of
-    every group fits; a :class:`ConfigError` naming ``resolution`` when the units are too coarse for it."""
-    costs = [np.asarray(c, dtype=np.int64) for c in costs]
-    g = math.gcd(*[int(v) for c in costs for v in c]) or 1
-    units = [c // g for c in costs]
-    cap_units = int(math.floor(capacity / g + 1e-9))
-    if cap_units > resolution:  # too many units for an exact DP: coarser units, costs rounded up
-        unit = capacity / resolution
-        units = [np.ceil(c / unit - 1e-9).astype(np.int64) for c in costs]
-        cap_units = resolution
-    if sum(int(u.min()) for u in units) > cap_units:
-        raise ConfigError("resolution", f"too coarse for this budget; raise it above {resolution}")
-    inf = math.inf
-    dp = np.zeros(cap_units + 1)  # least value with at most c units used, no group placed yet
-    choices = []
-    for u_g, v_g in zip(units, values):
-        new = np.full(cap_units + 1, inf)
-        arg = np.full(cap_units + 1, -1, dtype=np.int64)
-        for j in range(len(u_g)):  # first options first: ties keep the earlier one
-            u = int(u_g[j])
-            if u > cap_units:
-                continue
-            cand = np.full(cap_units + 1, inf)
-            cand[u:] = dp[: cap_units + 1 - u] + float(v_g[j])
-            better = cand < new
-            new[better] = cand[better]
-            arg[better] = j
-        dp = new
-        choices.append(arg)
-    c = cap_units
-    picked = []
-    for u_g, arg in zip(reversed(units), reversed(choices)):
-        j = int(arg[c])
-        picked.append(j)
-        c -= int(u_g[j])
-    return picked[::-1]
 
 
 def allocate(
@@ -363,20 +296,23 @@ class AutoSparsityResult(PruneResult):
 
 
 @handler(AutoSparsityConfig)
-def auto_sparsity_prune(model: nn.Module, config: AutoSparsityConfig, data: Any = None) -> AutoSparsityResult:
-    """Sweep, allocate, then prune every chosen layer to its allocated sparsity with the criterion."""
+def auto_sparsity_prune(model: nn.Module, config: AutoSparsityConfig, data: Any = None, task: Task | None = None) -> AutoSparsityResult:
+    """Sweep, allocate, then prune every chosen layer to its allocated sparsity with the criterion
+    (sweep and criterion both on ``task``'s batches, loss and metric; classification when None)."""
     if data is None:
         raise ConfigError("data", "auto_sparsity measures each layer's sensitivity: pass data=Splits or a Dataset")
-    curves = sensitivity_sweep(model, data, config.layers, config.grid, config.criterion, config.criterion_args, config.samples)
+    task = resolve_task(task)
+    curves = sensitivity_sweep(model, data, config.layers, config.grid, config.criterion, config.criterion_args, config.samples,
+                               task=task)
     alloc = allocate(curves, config.sparsity, config.budget, config.metric, config.resolution)
     log.info("auto_sparsity: %s (predicted %s rise %.4f)", alloc.layer_sparsity, config.metric, alloc.predicted_rise)
     names = list(alloc.layer_sparsity)
     cfg = _criterion_config(
         config.criterion, config.criterion_args,
-        layer_sparsity={_glob_escape(n): s for n, s in alloc.layer_sparsity.items()},
-        layers=[_glob_escape(n) for n in names],
+        layer_sparsity={glob_escape(n): s for n, s in alloc.layer_sparsity.items()},
+        layers=[glob_escape(n) for n in names],
     )
-    handler_for(cfg, family="prune")(model, cfg, data=data)
+    run_handler(model, cfg, HandlerContext(data=data, task=task))
     if config.report_dir is not None:
         out = Path(config.report_dir)
         curves.to_csv(out / "sensitivity.csv")

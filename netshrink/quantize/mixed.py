@@ -4,8 +4,9 @@
 per-layer precision studies of Judd et al., "Reduced-Precision Strategies for Bounded Memory in Deep
 Neural Nets", 2015, and HAQ, Wang et al., CVPR 2019): each chosen layer ``l`` alone (the rest float) is
 quantized to every width ``b`` of ``bits`` by the uniform quantizer (:class:`~netshrink.quantize.ptq.UniformConfig`,
-weights only), and the validation loss ``L_l(b)`` and error ``e_l(b)`` are measured on a fixed, seeded
-subset of the validation split.
+weights only), and the task's validation loss ``L_l(b)`` and metric ``e_l(b)`` (top-1 error by default,
+perplexity for a language model, MSE for regression) are measured on a fixed, seeded subset of the
+validation split (:func:`netshrink._allocate.evaluate`).
 
 **Size** of layer ``l`` at ``b`` bits, in bytes of the packed file's fixed-width sections (its
 affine codes and its scales; Huffman coding, where smaller, only lowers it):
@@ -20,7 +21,7 @@ budgeted (they are the same for every choice).
     minimise  Σ_l Δ_l(b_l),   Δ_l(b) = m_l(b) − m_base  (m = loss or error; made non-increasing in b)
     subject to Σ_l S_l(b_l) ≤ budget
 
-the multiple-choice knapsack of :func:`netshrink.prune.sensitivity.knapsack_min` (exact DP). The budget
+the multiple-choice knapsack of :func:`netshrink._allocate.knapsack_min` (exact DP). The budget
 is ``budget_bytes``, or ``avg_bits``: the size of every chosen layer at ``avg_bits`` bits per weight
 (``ceil(n_l avg_bits / 8) + 4 C_l``). A budget below the size of every layer at the fewest bits is a
 :class:`~netshrink.errors.ConfigError` naming the budget field. Then the model is quantized in place
@@ -34,18 +35,18 @@ import copy
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from torch import nn
-from torch.utils.data import Dataset
 
 from .._registry import handler, register
 from ..config import BaseConfig, check_range
 from ..errors import ConfigError
-from ..prune.sensitivity import _eval_tensors, _glob_escape, evaluate, knapsack_min
+from .._allocate import eval_subset, evaluate, glob_escape, knapsack_min, val_source
+from ..task import Task, resolve_task
 from ._common import check_not_quantized, select_quantizable
 from .affine import check_bits
 from .observers import ObserverKind, check_percentile
@@ -79,6 +80,8 @@ class BitSensitivity:
     params: dict[str, int]
     bytes: dict[str, list[int]]
     samples: int = 0
+    #: what ``error`` holds: the task's metric (``error``, ``perplexity``, ``mse``)
+    metric_name: str = "error"
 
     @property
     def layers(self) -> list[str]:
@@ -103,17 +106,16 @@ def bit_sensitivity(
     symmetric: bool = True,
     observer: ObserverKind = "minmax",
     percentile: float = 99.99,
+    task: Task | str | None = None,
 ) -> BitSensitivity:
     """Quantize each chosen layer alone (on a copy of ``model``) to every width of ``bits`` and measure
-    error and loss on ``samples`` seeded examples of the validation split (``data.val`` of a ``Splits``,
-    or a Dataset)."""
+    the task's metric and loss on ``samples`` seeded examples of the validation split (``data.val`` of
+    a ``Splits``, or a Dataset / DataLoader of batches in any form ``task`` splits)."""
+    task = resolve_task(task)
     bits = sorted({int(b) for b in bits})
-    val = getattr(data, "val", data)
-    if not isinstance(val, Dataset):
-        raise ConfigError("data", "the bit sensitivity sweep needs a Splits (its val split) or a Dataset")
-    x, y = _eval_tensors(val, samples, seed)
+    subset = eval_subset(val_source(data, "the bit sensitivity sweep"), samples, seed, task=task)
     chosen = select_quantizable(model, layers, "mixed_precision")
-    base_error, base_loss = evaluate(model, x, y)
+    base_error, base_loss = evaluate(model, subset, task=task)
     errors: dict[str, list[float]] = {}
     losses: dict[str, list[float]] = {}
     sizes: dict[str, list[int]] = {}
@@ -123,14 +125,14 @@ def bit_sensitivity(
         for b in bits:
             clone = copy.deepcopy(model)
             cfg = UniformConfig(bits=b, per_channel=per_channel, symmetric=symmetric, observer=observer, percentile=percentile,
-                                activations=False, layers=[_glob_escape(n)])
+                                activations=False, layers=[glob_escape(n)])
             uniform_quantize(clone, cfg)
-            e, lo = evaluate(clone, x, y)
+            e, lo = evaluate(clone, subset, task=task)
             errors[n].append(e)
             losses[n].append(lo)
         log.info("bit sensitivity %s: error %s", n, ", ".join(f"{b}:{e:.4f}" for b, e in zip(bits, errors[n])))
     params = {n: int(m.weight.numel()) for n, m in chosen.items()}
-    return BitSensitivity(bits, base_error, base_loss, errors, losses, params, sizes, len(x))
+    return BitSensitivity(bits, base_error, base_loss, errors, losses, params, sizes, subset.samples, task.metric_name)
 
 
 @dataclass
@@ -172,7 +174,8 @@ class MixedPrecisionConfig(BaseConfig):
 
     - ``bits``: the widths to choose from (2 to 8); ``budget_bytes`` or ``avg_bits`` (exactly one): the
       size budget of the chosen layers' quantized weights (see the module docstring);
-    - ``metric``: what the allocation minimises (``loss``, the validation cross-entropy, or ``error``);
+    - ``metric``: what the allocation minimises (``loss``, the task's validation loss, or ``error``, its
+      metric: top-1 error, perplexity or MSE);
       ``samples``: validation examples of the sweep (drawn with ``seed``);
     - ``per_channel``, ``symmetric``, ``observer``, ``percentile``: of the uniform weight quantizer;
     - ``layers``: which Linear/Conv layers (all when None); ``report_dir``: where ``bit_sensitivity.json``
@@ -246,8 +249,10 @@ class MixedPrecisionResult(UniformResult):
 
 
 @handler(MixedPrecisionConfig)
-def mixed_precision_quantize(model: nn.Module, config: MixedPrecisionConfig, data: Any = None) -> MixedPrecisionResult:
-    """Sweep, allocate, then quantize every chosen layer to its bits in place (weights only)."""
+def mixed_precision_quantize(model: nn.Module, config: MixedPrecisionConfig, data: Any = None,
+                             task: Task | None = None) -> MixedPrecisionResult:
+    """Sweep (on ``task``'s batches, loss and metric; classification when None), allocate, then quantize
+    every chosen layer to its bits in place (weights only)."""
     if data is None:
         raise ConfigError("data", "mixed_precision measures each layer's sensitivity: pass data=Splits or a Dataset")
     layers = select_quantizable(model, config.layers, "mixed_precision")
@@ -258,12 +263,12 @@ def mixed_precision_quantize(model: nn.Module, config: MixedPrecisionConfig, dat
         raise ConfigError(field_name, f"budget cannot be met: {budget:,} bytes is less than the {least:,} bytes the chosen layers "
                           f"take at {min(config.bits)} bits each; raise the budget")
     curves = bit_sensitivity(model, data, list(layers), config.bits, config.samples, config.seed,
-                             config.per_channel, config.symmetric, config.observer, config.percentile)
+                             config.per_channel, config.symmetric, config.observer, config.percentile, task=task)
     alloc = allocate_bits(curves, budget, config.metric, field_name)
     log.info("mixed_precision: %s, %d of %d bytes (predicted %s rise %.4f)", alloc.layer_bits, alloc.weight_bytes, budget,
              config.metric, alloc.predicted_rise)
-    cfg = UniformConfig(bits=max(config.bits), layer_bits={_glob_escape(n): b for n, b in alloc.layer_bits.items()},
-                        layers=[_glob_escape(n) for n in alloc.layer_bits], per_channel=config.per_channel, symmetric=config.symmetric,
+    cfg = UniformConfig(bits=max(config.bits), layer_bits={glob_escape(n): b for n, b in alloc.layer_bits.items()},
+                        layers=[glob_escape(n) for n in alloc.layer_bits], per_channel=config.per_channel, symmetric=config.symmetric,
                         observer=config.observer, percentile=config.percentile, activations=False)
     res = uniform_quantize(model, cfg)
     if config.report_dir is not None:
@@ -271,7 +276,8 @@ def mixed_precision_quantize(model: nn.Module, config: MixedPrecisionConfig, dat
         out.mkdir(parents=True, exist_ok=True)
         (out / "bit_sensitivity.json").write_text(json.dumps(asdict(curves), indent=2))
         (out / "bit_allocation.json").write_text(json.dumps(asdict(alloc), indent=2))
-    return MixedPrecisionResult(res.bits, res.weight_sqnr_db, res.inputs, res.bias_shift, alloc, curves)
+    base = {f.name: getattr(res, f.name) for f in fields(UniformResult)}
+    return MixedPrecisionResult(**base, allocation=alloc, curves=curves)
 
 
 __all__ = [

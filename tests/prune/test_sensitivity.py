@@ -13,7 +13,7 @@ from netshrink.metrics import macs
 from netshrink.models import build_model
 from netshrink.prune import AutoSparsityConfig, IterativeConfig, MagnitudeConfig, SensitivityCurves, allocate, prune_, sensitivity_sweep
 from netshrink.prune._select import keep_count
-from netshrink.prune.sensitivity import _eval_tensors, evaluate
+from netshrink._allocate import eval_subset, evaluate
 from netshrink.train import TrainConfig, Trainer
 
 
@@ -102,7 +102,7 @@ def test_a_budget_that_cannot_be_met_is_a_config_error():
 
 def test_auto_sparsity_beats_uniform_magnitude_and_writes_its_report(trained, tmp_path):
     splits, state = trained
-    x, y = _eval_tensors(splits.val, 2000)
+    sub = eval_subset(splits.val, 2000)
     auto, uniform = _model(state), _model(state)
     res = prune_(auto, AutoSparsityConfig(sparsity=0.8, report_dir=str(tmp_path)), data=splits)
     prune_(uniform, MagnitudeConfig(sparsity=0.8))
@@ -110,7 +110,7 @@ def test_auto_sparsity_beats_uniform_magnitude_and_writes_its_report(trained, tm
     removed = sum(int((m.weight == 0).sum()) for m in layers) / sum(m.weight.numel() for m in layers)
     assert removed >= 0.8  # the budget is met
     assert res.allocation.layer_sparsity["fc3"] < res.allocation.layer_sparsity["fc1"]  # the classifier is the sensitive one
-    assert evaluate(auto, x, y)[1] < evaluate(uniform, x, y)[1]
+    assert evaluate(auto, sub)[1] < evaluate(uniform, sub)[1]
     assert {p.name for p in tmp_path.iterdir()} == {"sensitivity.csv", "sensitivity.png", "allocation.json"}
 
 

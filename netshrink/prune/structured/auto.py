@@ -7,7 +7,7 @@ parameters and MACs, and the forward latency at ``latency_batch`` (median of 20 
 additive model of the survey's sensitivity analysis (the savings and the damage of single groups
 add), the ratios are the least-loss choice whose predicted saving reaches ``reduction`` of the dense
 model's budgeted resource: a multiple-choice knapsack, solved exactly by
-:func:`netshrink.prune.sensitivity.knapsack_min`. The model is then pruned once with those
+:func:`netshrink._allocate.knapsack_min`. The model is then pruned once with those
 ``layer_ratio`` values by :func:`netshrink.prune.structured.channel_prune`, and the result records the
 predicted and the measured resource, because latency does not add exactly (overheads, cache sizes).
 """
@@ -27,7 +27,7 @@ from ... import metrics
 from ..._registry import handler, register
 from ...config import BaseConfig, check_range
 from ...errors import ConfigError
-from ..sensitivity import _eval_tensors, evaluate, knapsack_min
+from ..._allocate import eval_subset, evaluate, knapsack_min
 from .channel import ChannelConfig, ChannelResult, Criterion, channel_prune, example_inputs
 from .graph import DependencyGraph
 
@@ -111,8 +111,8 @@ def auto_channel_prune(model: nn.Module, config: AutoChannelConfig, data: Any = 
              and (config.layers is None or set(g.producers) & set(config.layers))]
     if not names:
         raise ConfigError("layers", "no prunable channel group among the chosen layers")
-    x, y = _eval_tensors(val, config.samples)
-    base_loss = evaluate(model, x, y)[1]
+    sub = eval_subset(val, config.samples)
+    base_loss = evaluate(model, sub)[1]
     dense = _cost(model, example, config.budget, config.latency_batch)
     grid = sorted(set(config.grid))
     savings, rises = [], []
@@ -122,7 +122,7 @@ def auto_channel_prune(model: nn.Module, config: AutoChannelConfig, data: Any = 
             trial = copy.deepcopy(model)
             channel_prune(trial, _channel_config(config, ratio=0.0, layer_ratio={name: ratio}, layers=[name]), data=data)
             s.append(max(0.0, dense - _cost(trial, example, config.budget, config.latency_batch)))
-            r.append(max(0.0, evaluate(trial, x, y)[1] - base_loss))
+            r.append(max(0.0, evaluate(trial, sub)[1] - base_loss))
         savings.append(np.maximum.accumulate(np.asarray(s)))  # a higher ratio never saves less
         rises.append(np.maximum.accumulate(np.asarray(r)))
     need = config.reduction * dense
