@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from ._datasource import DictDataset
 from ._extras import require
 from ._fileio import atomic_write, cache_root
 from ._registry import Registry
@@ -516,7 +517,7 @@ def load_data(spec: str, **kwargs: Any) -> Splits:
 
 
 __all__ = [
-    "load_npz", "load_data",
+    "load_npz", "load_data", "DictDataset",
     "Splits", "IdxArrays", "RestrictedUnpickler", "restricted_loads", "load_idx", "mnist_arrays_from_idx",
     "fetch_mnist_pkl_gz", "mnist", "digits", "load_dataset", "register_dataset", "list_datasets", "dataset_names",
     "resolve_cache_dir", "verify_sha256", "MNIST_SHA256", "MNIST_PACKAGE", "INPUT_SHAPES",

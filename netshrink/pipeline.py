@@ -129,18 +129,38 @@ def example_arg(example: Any) -> Any:
     return example
 
 
+class _Replay(nn.Module):
+    """Calls ``model`` on one example's inputs repeated to the batch size of its one argument: how a
+    model whose inputs are several tensors or keywords is timed by :func:`netshrink.metrics.latency`
+    (which repeats one tensor's first row). Expanding is a view, so the timing is the model's."""
+
+    def __init__(self, model: nn.Module, example: Inputs):
+        super().__init__()
+        self.model = model
+        self.example = example.take(1)
+
+    def forward(self, rows: torch.Tensor) -> Any:
+        b = int(rows.shape[0])
+        grow = lambda t: t.expand(b, *t.shape[1:]) if isinstance(t, torch.Tensor) and t.dim() > 0 else t  # noqa: E731
+        return self.model(*[grow(a) for a in self.example.args], **{k: grow(v) for k, v in self.example.kwargs.items()})
+
+
 def measure_speed(baseline: nn.Module, compressed: nn.Module, example: Any) -> Speed:
     """Time the dense baseline and the compressed model in turns (:func:`netshrink.metrics.compare_latency`)."""
-    example = example_arg(example)
-    timed = metrics.compare_latency({"baseline": baseline, "compressed": compressed}, example, batch_sizes=(1, 64), runs=20)
+    one = example_arg(example)
+    models = {"baseline": baseline, "compressed": compressed}
+    if not isinstance(one, torch.Tensor):  # several inputs or keyword inputs: time through _Replay
+        models = {k: _Replay(m, example) for k, m in models.items()}
+        one = torch.zeros(1, dtype=torch.long)
+    timed = metrics.compare_latency(models, one, batch_sizes=(1, 64), runs=20)
     sizes = list(timed["baseline"])
     return Speed(
         batch_sizes=sizes,
         baseline_ms=[timed["baseline"][b].median_ms for b in sizes],
         compressed_ms=[timed["compressed"][b].median_ms for b in sizes],
         threads=timed["baseline"][sizes[0]].threads,
-        macs_baseline=int(metrics.macs(baseline, example).dense),
-        macs_compressed=int(metrics.macs(compressed, example).dense),
+        macs_baseline=int(metrics.macs(baseline, example_arg(example)).dense),
+        macs_compressed=int(metrics.macs(compressed, example_arg(example)).dense),
     )
 
 

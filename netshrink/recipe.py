@@ -164,6 +164,8 @@ def parse_recipe(data: Any, *, check_model: bool = True, base: str | Path | None
     data_args = _mapping(data, "data_args")
     if not is_object_spec(data_name) and data_name not in dataset_names():
         dpath = _path(data_name, base)
+        if not dpath.exists() and (dpath.suffix or "/" in data_name or "\\" in data_name):
+            raise ConfigError("data", f"{dpath}: no such file or folder")
         if not dpath.exists():
             raise ConfigError("data", f"unknown data set {data_name!r} (known: {', '.join(dataset_names())}; "
                                       "or an .npz file, a folder of MNIST IDX files, or 'package.module:function')")
