@@ -1,8 +1,9 @@
 """Measurements: error, parameters, non-zeros, MACs, bytes, latency, SQNR (rules in DESIGN.md).
 
-Parameters and non-zeros are read through :func:`netshrink._state.effective_parameters`: a masked
-or weight-shared layer counts once, at the effective value its forward pass uses, and the
-parametrizations' internals (original weights, codebooks, index buffers, masks) never count.
+Parameters and non-zeros are read through :func:`netshrink._state.unique_effective_parameters`: a
+masked or weight-shared layer counts once, at the effective value its forward pass uses, the
+parametrizations' internals (original weights, codebooks, index buffers, masks) never count, and tied
+parameters (one storage under two names) count once.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -23,8 +24,10 @@ from .errors import ConfigError
 if False:  # typing only
     from .task import Task
 
-#: the layer types whose multiply-accumulates :func:`macs` counts
-MAC_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: the plain torch layer types whose multiply-accumulates :func:`macs` counts (it also counts
+#: ConvTranspose, GPT-2's Conv1D and attention: see :func:`macs`)
+MAC_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
+                                           nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def error_rate(
@@ -45,13 +48,18 @@ def error_rate(
 
 
 def _effective_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
-    from ._state import effective_parameters  # lazy: keeps metrics importable from the method modules
+    from ._state import unique_effective_parameters  # lazy: keeps metrics importable from the method modules
 
-    return effective_parameters(model)
+    return unique_effective_parameters(model)
 
 
 def count_params(model: nn.Module) -> int:
-    """``sum_p numel(p)`` over the effective parameters (a pruned weight still counts in full)."""
+    """``sum_p numel(p)`` over the effective parameters (a pruned weight still counts in full).
+
+    Parameters that share one storage (an embedding tied to the output layer) count once: the sum
+    runs over unique storage (:func:`netshrink._state.tie_groups`), as do :func:`count_nonzeros` and
+    :func:`fp32_bytes`, so a compression ratio is never inflated by a tie.
+    """
     return sum(int(t.numel()) for t in _effective_parameters(model).values())
 
 
@@ -144,42 +152,128 @@ def _as_inputs(example_input: torch.Tensor | Sequence[torch.Tensor]) -> tuple[to
     raise ConfigError("example_input", f"expected a tensor or a tuple of tensors, got {type(example_input).__name__}")
 
 
-@torch.no_grad()
-def macs(model: nn.Module, example_input: torch.Tensor | Sequence[torch.Tensor]) -> MacsReport:
-    """Count dense and effective MACs of every Linear / Conv layer in one forward pass.
+def _attention_geometry(module: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int, int, int] | None:
+    """``(N, H, L, S, d)`` of one attention call: batch, query heads, query and key lengths, head size."""
+    from .prune.structured.attention import GroupedQueryAttention
 
-    Forward hooks record each layer's output shape; for a layer with weight ``W`` and ``P``
-    output positions (``P = numel(output) / C_out``), ``dense = P * numel(W)`` and
-    ``effective = P * nnz(W)`` (MACs that touch a non-zero weight). ``W`` is the effective weight
-    (masked or shared), as the forward pass uses it. A layer called twice is counted twice.
-    The counts are for the whole ``example_input`` batch: pass a batch of one for per-example MACs.
+    if isinstance(module, GroupedQueryAttention):
+        x = args[0] if args else kwargs.get("x")
+        return int(x.shape[0]), module.num_heads, int(x.shape[1]), int(x.shape[1]), module.head_dim
+    names = ("query", "key", "value")
+    bound = dict(zip(names, args))
+    bound.update({k: v for k, v in kwargs.items() if k in names})
+    q, k = bound.get("query"), bound.get("key")
+    if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor):
+        return None
+    if q.dim() == 2:
+        n, lq, lk = 1, q.shape[0], k.shape[0]
+    elif getattr(module, "batch_first", False):
+        n, lq, lk = q.shape[0], q.shape[1], k.shape[1]
+    else:
+        n, lq, lk = q.shape[1], q.shape[0], k.shape[0]
+    return int(n), int(module.num_heads), int(lq), int(lk), int(module.head_dim)
+
+
+def _mha_projections(module: nn.MultiheadAttention, n: int, lq: int, lk: int) -> list[tuple[str, torch.Tensor, int]]:
+    """(suffix, effective weight, output positions) of the four projections nn.MultiheadAttention runs
+    without calling them as modules (its packed in_proj_weight and its out_proj.weight)."""
+    e = module.embed_dim
+    if module._qkv_same_embed_dim:
+        w = module.in_proj_weight
+        wq, wk, wv = w[:e], w[e:2 * e], w[2 * e:]
+    else:
+        wq, wk, wv = module.q_proj_weight, module.k_proj_weight, module.v_proj_weight
+    return [("q_proj", wq, n * lq), ("k_proj", wk, n * lk), ("v_proj", wv, n * lk), ("out_proj", module.out_proj.weight, n * lq)]
+
+
+@torch.no_grad()
+def macs(model: nn.Module, example_input: Any) -> MacsReport:
+    """Count dense and effective MACs of every weight layer and attention in one forward pass.
+
+    Forward hooks record each layer's call; for a layer with weight ``W`` and ``P`` output positions,
+    ``dense = P * numel(W)`` and ``effective = P * nnz(W)`` (MACs that touch a non-zero weight):
+
+    - Linear, Conv1d/2d/3d: ``P = numel(output) / C_out``; GPT-2's ``Conv1D``: ``P = numel(output) / nf``;
+    - ConvTranspose: each weight is used once per *input* position, ``P = numel(input) / C_in``;
+    - Embedding: a table lookup, no MACs (not listed);
+    - attention (``nn.MultiheadAttention``, and the converted/pruned ``HeadAttention`` and
+      ``GroupedQueryAttention``): the two matmuls ``Q Kᵀ`` and ``A V`` cost ``2 N H L S d``
+      (listed as ``NAME.attention``, effective = dense); ``nn.MultiheadAttention`` runs its q/k/v/out
+      projections without calling them as modules, so they are counted here too (``NAME.q_proj`` ...;
+      the converted modules' projections are ordinary Linear layers).
+
+    ``W`` is the effective weight (masked or shared), as the forward pass uses it. A layer called twice is
+    counted twice. The counts are for the whole example batch: pass a batch of one for per-example MACs.
+    ``example_input``: a tensor, a tuple of tensors, or a :class:`netshrink.task.Inputs`.
     """
-    inputs = _as_inputs(example_input)
+    from ._layers import CONV1D_GPT2, CONV_TRANSPOSE, EMBEDDING, layer_kind
+    from .prune.structured.attention import ATTENTION_TYPES
+
+    call = getattr(example_input, "call", None)
+    if call is not None and hasattr(example_input, "tensors"):
+        run = lambda: call(model)  # noqa: E731  (an Inputs: positional and keyword tensors)
+        first = next(iter(example_input.tensors()), None)
+        input_shape = tuple(first.shape) if first is not None else ()
+    else:
+        inputs = _as_inputs(example_input)
+        run = lambda: model(*inputs)  # noqa: E731
+        input_shape = tuple(inputs[0].shape)
     acc: dict[str, dict] = {}
 
+    def add(name: str, kind: str, weight_shape: tuple, out_shape: tuple, dense: int, effective: int) -> None:
+        entry = acc.setdefault(name, {"name": name, "type": kind, "dense": 0, "effective": 0,
+                                      "weight_shape": weight_shape, "output_shape": out_shape, "calls": 0})
+        entry["dense"] += dense
+        entry["effective"] += effective
+        entry["calls"] += 1
+
     def hook(name: str):
-        def fn(module: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
-            weight = module.weight
-            out_channels = module.out_features if isinstance(module, nn.Linear) else module.out_channels
-            positions = out.numel() // out_channels
-            entry = acc.setdefault(name, {"name": name, "type": type(module).__name__, "dense": 0, "effective": 0,
-                                          "weight_shape": tuple(weight.shape), "output_shape": tuple(out.shape), "calls": 0})
-            entry["dense"] += positions * weight.numel()
-            entry["effective"] += positions * int(torch.count_nonzero(weight))
-            entry["calls"] += 1
+        def fn(module: nn.Module, inp: tuple, out: torch.Tensor) -> None:
+            weight, kind = module.weight, layer_kind(module)
+            if kind == CONV_TRANSPOSE:
+                positions = inp[0].numel() // module.in_channels
+            elif kind == CONV1D_GPT2:
+                positions = out.numel() // module.nf
+            else:
+                positions = out.numel() // (module.out_features if isinstance(module, nn.Linear) else module.out_channels)
+            add(name, type(module).__name__, tuple(weight.shape), tuple(out.shape), positions * weight.numel(),
+                positions * int(torch.count_nonzero(weight)))
 
         return fn
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, MAC_LAYERS)]
+    def attn_hook(name: str):
+        def fn(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            geo = _attention_geometry(module, args, kwargs)
+            if geo is None:
+                return
+            n, h, lq, lk, d = geo
+            if isinstance(module, nn.MultiheadAttention):
+                for suffix, w, positions in _mha_projections(module, n, lq, lk):
+                    add(f"{name}.{suffix}", "MultiheadAttention projection", tuple(w.shape), (n, lq if suffix in ("q_proj", "out_proj") else lk, w.shape[0]),
+                        positions * w.numel(), positions * int(torch.count_nonzero(w)))
+            mm = 2 * n * h * lq * lk * d
+            add(f"{name}.attention", "attention matmuls (QKᵀ, AV)", (), (n, h, lq, lk), mm, mm)
+
+        return fn
+
+    handles = []
+    for n, m in model.named_modules():
+        if "parametrizations" in n.split("."):
+            continue
+        kind = layer_kind(m)
+        if kind is not None and kind != EMBEDDING:
+            handles.append(m.register_forward_hook(hook(n)))
+        if isinstance(m, ATTENTION_TYPES):
+            handles.append(m.register_forward_hook(attn_hook(n), with_kwargs=True))
     was_training = model.training
     model.eval()
     try:
-        model(*inputs)
+        run()
     finally:
         model.train(was_training)
         for h in handles:
             h.remove()
-    return MacsReport(tuple(LayerMacs(**e) for e in acc.values()), tuple(inputs[0].shape))
+    return MacsReport(tuple(LayerMacs(**e) for e in acc.values()), input_shape)
 
 
 # --------------------------------------------------------------------------- latency

@@ -23,11 +23,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._layers import per_layer, select_layers
+from .._attention import converted_copy, prepare
+from .._coverage import Coverage, build_coverage
+from .._layers import ALL_KINDS, LayerPlan, per_layer, plan_layers
 from .._registry import handler, register
 from ..config import BaseConfig, check_range
 from ..errors import ConfigError
-from ..prune._mask import get_mask
+from ..prune._mask import follow_parametrization, get_mask
 from ._sharing import apply_sharing
 
 Init = Literal["linear", "density", "random"]
@@ -115,8 +117,13 @@ class KMeansConfig(BaseConfig):
         if self.max_iter < 1:
             raise ConfigError("max_iter", f"must be at least 1, got {self.max_iter}")
 
+    def plan(self, model: nn.Module) -> LayerPlan:
+        """The layers shared (every Linear, ConvNd, ConvTranspose, GPT-2 Conv1D and Embedding weight, or
+        those ``layers`` names) and why any other layer weight is not."""
+        return plan_layers(model, self.layers, "kmeans", kinds=ALL_KINDS)
+
     def check_model(self, model: nn.Module) -> None:
-        per_layer(select_layers(model, self.layers), self.layer_bits, self.bits, "layer_bits")
+        per_layer(self.plan(converted_copy(model, self.layers)).layers, self.layer_bits, self.bits, "layer_bits")
 
 
 @dataclass
@@ -125,6 +132,7 @@ class ShareResult:
 
     clusters: dict[str, int]
     mse: dict[str, float]
+    coverage: Coverage | None = field(default=None, kw_only=True)
 
 
 @handler(KMeansConfig)
@@ -133,8 +141,14 @@ def kmeans_share(model: nn.Module, config: KMeansConfig, data=None) -> ShareResu
     """Share the weights of each chosen layer through its own k-means codebook, in place.
 
     Pruned entries (the layer's mask, if it has one) are left out of the clustering and stay zero.
+    ``nn.MultiheadAttention`` in scope is converted to separate projections first (said in
+    ``result.coverage.notes``); a weight tied to another shares one codebook with it.
     """
-    layers = select_layers(model, config.layers)
+    notes = prepare(model, config.layers, "kmeans")
+    plan = config.plan(model)
+    plan.check_strict("kmeans", config.strict)
+    layers = plan.layers
+    skipped = dict(plan.skipped)
     bits = per_layer(layers, config.layer_bits, config.bits, "layer_bits")
     clusters, mse = {}, {}
     for n, m in layers.items():
@@ -143,11 +157,18 @@ def kmeans_share(model: nn.Module, config: KMeansConfig, data=None) -> ShareResu
         keep = mask if mask is not None else torch.ones_like(w, dtype=torch.bool)
         vals = w[keep].cpu().numpy()
         if vals.size == 0:
+            skipped[f"{n}.weight"] = "every entry is pruned: nothing to share"
             continue
         book = kmeans_1d(vals, 2 ** bits[n], config.init, config.seed, config.max_iter)
         indices = torch.zeros(w.shape, dtype=torch.long)
         indices[keep.cpu()] = torch.from_numpy(book.indices)
         apply_sharing(m, torch.from_numpy(book.centroids), indices.to(w.device))
+        for alias in plan.aliases.get(n, ()):
+            follow_parametrization(m, model.get_submodule(alias))
         clusters[n] = int(book.centroids.size)
         mse[n] = book.inertia / vals.size
-    return ShareResult(clusters, mse)
+    done = {f"{n}.weight": f"shared: {clusters[n]}-entry k-means codebook, {bits[n]}-bit indices" for n in clusters}
+    coverage = build_coverage(model, "kmeans", done, skipped, plan.excluded, notes)
+    if config.strict:
+        coverage.check_strict()
+    return ShareResult(clusters, mse, coverage=coverage)
