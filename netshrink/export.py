@@ -3,7 +3,14 @@
 fp32: the model, its parametrizations made permanent (masked, shared, binarized weights baked in) and
 its input quantizers removed, is traced by torch's TorchScript-based exporter
 (``torch.onnx.export(..., dynamo=False)``; the torch.export-based one needs the ``onnxscript``
-package), opset 17, with a dynamic batch axis.
+package), opset 17. Inputs are the user's example inputs (:class:`netshrink.task.Inputs`: one tensor,
+several, or a dict of keyword inputs; any dtype -- token ids stay int64), named ``input`` (one input),
+``input_0``, ``input_1``, ... (several) and by their keywords; every input and the output get a dynamic
+batch axis, and integer inputs of shape ``(batch, length)`` (token ids) a dynamic ``sequence`` axis
+(the output's axis 1 too). A model that returns a tuple, dict or ``transformers`` ModelOutput is
+exported through :func:`netshrink.task.output_tensor` (the logits). PyTorch's fused attention fast
+path (``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer`` in inference) has no ONNX form: it is
+switched off while tracing, so the unfused ops are exported.
 
 int8 (static, QDQ format of the ONNX standard; Jacob et al., CVPR 2018): the quantization is ours,
 not the runtime's -- every layer quantized by :func:`netshrink.quantize.quantize_` (``Int8Config`` or
@@ -19,6 +26,9 @@ int32 at scale ``s_x s_w`` (the one change from the simulated model: at most hal
 ``s_x s_w / 2`` per output). Q/DQ pairs are also placed on the inputs of MaxPool, Flatten and Reshape
 ops that lead to a quantized input -- exact, since a monotone per-tensor quantizer commutes with max
 and reshaping -- so onnxruntime fuses the graph into QLinearConv / QGemm / int8 MaxPool kernels.
+BatchNorm is folded into the layer before it (:mod:`netshrink.quantize.fold`) when the model is
+quantized; a quantized layer that the model never calls is not in the graph and is reported in
+``ExportResult.skipped``.
 
 Weights are written as uint8 codes ``q + 128`` with zero point 128 (``unsigned_weights``, the default):
 the same values as the int8 codes, but onnxruntime's x86 u8s8 kernels on CPUs without VNNI sum pairs
@@ -67,14 +77,87 @@ class ExportResult:
     quantized: list[str] = field(default_factory=list)
     act_quantized: list[str] = field(default_factory=list)
     ops: dict[str, int] = field(default_factory=dict)
+    input_names: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
 
 
-def _example(model: nn.Module, example_input: torch.Tensor | Sequence[int]) -> torch.Tensor:
-    if isinstance(example_input, torch.Tensor):
-        if example_input.dim() == 0 or len(example_input) == 0:
-            raise ConfigError("example_input", "needs a non-empty batch dimension")
-        return example_input[:1].detach().to(torch.float32).cpu()
-    return torch.zeros((1, *(int(s) for s in example_input)))
+def _is_shape(example: Any) -> bool:
+    return isinstance(example, (tuple, list, torch.Size)) and len(example) > 0 and all(
+        isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in example
+    )
+
+
+def example_inputs(example_input: Any) -> Any:
+    """The :class:`~netshrink.task.Inputs` of ``example_input``: one input's shape without the batch axis
+    (a float32 zero batch of one), a tensor, a tuple of tensors, a dict of keyword inputs, or Inputs.
+    Tensors keep their dtype; each must have a non-empty batch axis."""
+    from .task import Inputs
+
+    if _is_shape(example_input):
+        if any(int(d) < 1 for d in example_input):
+            raise ConfigError("example_input", f"a shape needs positive sizes, got {tuple(example_input)}")
+        return Inputs((torch.zeros((1, *(int(d) for d in example_input))),))
+    inputs = Inputs.of(example_input)
+    if not inputs.tensors():
+        raise ConfigError("example_input", "holds no tensor")
+    for t in inputs.tensors():
+        if t.dim() == 0 or t.shape[0] == 0:
+            raise ConfigError("example_input", f"every input needs a non-empty batch axis, got shape {tuple(t.shape)}")
+    return inputs.take(1).to("cpu")
+
+
+class _Adapter(nn.Module):
+    """``forward(*tensors)``: the model called with the example's positional and keyword inputs (non-tensor
+    values fixed), its output reduced to one tensor by :func:`netshrink.task.output_tensor`."""
+
+    def __init__(self, inner: nn.Module, example: Any, output_key: str | None):
+        super().__init__()
+        self.inner = inner
+        self.slots = [("arg", i, a) for i, a in enumerate(example.args)] + [("kw", k, v) for k, v in example.kwargs.items()]
+        self.output_key = output_key
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [v for _, _, v in self.slots if isinstance(v, torch.Tensor)]
+
+    def names(self) -> list[str]:
+        pos = [i for kind, i, v in self.slots if kind == "arg" and isinstance(v, torch.Tensor)]
+        kws = [k for kind, k, v in self.slots if kind == "kw" and isinstance(v, torch.Tensor)]
+        if len(pos) == 1 and not kws:
+            return [INPUT]
+        return [f"{INPUT}_{i}" for i in pos] + list(kws)
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        from .task import output_tensor
+
+        it = iter(tensors)
+        args, kwargs = [], {}
+        for kind, key, v in self.slots:
+            value = next(it) if isinstance(v, torch.Tensor) else v
+            if kind == "arg":
+                args.append(value)
+            else:
+                kwargs[key] = value
+        return output_tensor(self.inner(*args, **kwargs), self.output_key)
+
+
+def _dynamic_axes(names: list[str], tensors: list[torch.Tensor], override: Any) -> dict[str, dict[int, str]]:
+    """Batch axis 0 everywhere; a ``sequence`` axis 1 on integer ``(batch, length)`` inputs and on the output."""
+    if override is not None:
+        if not isinstance(override, dict):
+            raise ConfigError("dynamic_axes", f"expected a dict of input/output name -> {{axis: name}}, got {type(override).__name__}")
+        unknown = sorted(set(override) - set(names) - {OUTPUT})
+        if unknown:
+            raise ConfigError(f"dynamic_axes.{unknown[0]}", f"no input or output of that name (inputs: {', '.join(names)}; output: {OUTPUT})")
+        return dict(override)
+    axes: dict[str, dict[int, str]] = {}
+    seq = False
+    for n, t in zip(names, tensors):
+        axes[n] = {0: "batch"}
+        if t.dim() == 2 and not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool:
+            axes[n][1] = "sequence"
+            seq = True
+    axes[OUTPUT] = {0: "batch", 1: "sequence"} if seq else {0: "batch"}
+    return axes
 
 
 def _layer_quant(model: nn.Module) -> dict[str, tuple[Any, Any]]:
@@ -133,22 +216,71 @@ def _quiet_fds() -> Any:
                 os.close(copy_fd)
 
 
-def _trace(model: nn.Module, x: torch.Tensor) -> Any:
+@contextlib.contextmanager
+def _no_attention_fast_path() -> Any:
+    """Switch off PyTorch's fused multi-head-attention inference path (no ONNX form) for the duration."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    was = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(was)
+
+
+def _trace(model: _Adapter, dynamic_axes: Any = None) -> Any:
     import onnx
 
     buf, chatter = io.BytesIO(), io.StringIO()
+    tensors, names = tuple(model.tensors()), model.names()
     try:  # the exporter prints its IR graph when it fails: kept out of the user's terminal
-        with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), _quiet_fds():
+        with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), _quiet_fds(), _no_attention_fast_path():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                model, (x,), buf, dynamo=False, opset_version=OPSET, input_names=[INPUT], output_names=[OUTPUT],
-                dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}, do_constant_folding=True,
+                model, tensors, buf, dynamo=False, opset_version=OPSET, input_names=names, output_names=[OUTPUT],
+                dynamic_axes=_dynamic_axes(names, list(tensors), dynamic_axes), do_constant_folding=True,
             )
+    except ConfigError:
+        raise
     except Exception as exc:  # torch's exporter raises many types; each becomes one line
         text = str(exc).strip().splitlines()
         first = next((t for t in text if "not supported" in t or "Unsupported" in t), text[0] if text else type(exc).__name__)
-        raise ModelError(f"cannot export {type(model).__name__} to ONNX: {first.strip()[:300]}") from None
-    return onnx.load_from_string(buf.getvalue())
+        raise ModelError(f"cannot export {type(model.inner).__name__} to ONNX: {first.strip()[:300]}") from None
+    proto = onnx.load_from_string(buf.getvalue())
+    _strip_prefix(proto, "inner.", "/inner/")
+    return proto
+
+
+def _strip_prefix(proto: Any, prefix: str, node_prefix: str) -> None:
+    """Name initializers, values and nodes as in the user's model (without the adapter's ``inner`` level)."""
+    g = proto.graph
+
+    def short(name: str) -> str:
+        if name.startswith(prefix):
+            return name[len(prefix):]
+        for a, b in ((node_prefix + prefix, "/"), (node_prefix, "/"), ("/" + prefix, "/")):
+            if name.startswith(a):
+                return b + name[len(a):]
+        return name
+
+    names = {i.name for i in g.initializer} | {t for n in g.node for t in (*n.input, *n.output)}
+    graph_io = {v.name for v in (*g.input, *g.output)}
+    rename = {t: short(t) for t in names if t and t not in graph_io and short(t) != t}
+    if len(set(rename.values()) | (names - set(rename))) != len(names):  # a clash: keep the long names
+        return
+    for init in g.initializer:
+        init.name = rename.get(init.name, init.name)
+    for v in g.value_info:
+        v.name = rename.get(v.name, v.name)
+    for n in g.node:
+        for i, t in enumerate(n.input):
+            n.input[i] = rename.get(t, t)
+        for i, t in enumerate(n.output):
+            n.output[i] = rename.get(t, t)
+        n.name = short(n.name)
 
 
 # ------------------------------------------------------------------------------------------- int8 QDQ
@@ -236,11 +368,13 @@ def _channel_view(v: np.ndarray, ndim: int) -> np.ndarray:
     return v.reshape((-1,) + (1,) * (ndim - 1)) if v.ndim else v
 
 
-def _quantize_layer(gr: _Graph, name: str, wqp: Any, aqp: Any, unsigned_weights: bool) -> tuple[bool, bool]:
-    wname = f"{name}.weight"
+def _quantize_layer(gr: _Graph, name: str, wqp: Any, aqp: Any, unsigned_weights: bool, prefix: str = "", hint: str = "") -> tuple[bool, bool]:
+    wname = f"{prefix}{name}.weight"
     uses = gr.consumers(wname)
     if wname not in gr.inits or len(uses) != 1 or uses[0][1] != 1 or uses[0][0].op_type not in ("Gemm", "Conv"):
-        raise ModelError(f"int8 export: the weight of layer {name!r} did not become the weight of one Gemm/Conv node in the ONNX graph")
+        found = ", ".join(sorted({n.op_type for n, _ in uses})) or "none"
+        raise ModelError(f"int8 export: the weight of layer {name!r} did not become the weight of one Gemm/Conv node in the ONNX graph "
+                         f"(consumers: {found}){hint}")
     node = uses[0][0]
     if node.op_type == "Gemm" and not _gemm_ok(node):
         raise ModelError(f"int8 export: layer {name!r} became a Gemm with transposes or scaling that the exporter does not handle")
@@ -288,11 +422,13 @@ def _quantize_layer(gr: _Graph, name: str, wqp: Any, aqp: Any, unsigned_weights:
     return quant_w, True
 
 
-def _int8_graph(proto: Any, quant: dict[str, tuple[Any, Any]], unsigned_weights: bool) -> tuple[list[str], list[str]]:
+def _int8_graph(
+    proto: Any, quant: dict[str, tuple[Any, Any]], unsigned_weights: bool, prefix: str = "", hints: dict[str, str] | None = None
+) -> tuple[list[str], list[str]]:
     gr = _Graph(proto)
     wl, al = [], []
     for name, (wqp, aqp) in quant.items():
-        w, a = _quantize_layer(gr, name, wqp, aqp, unsigned_weights)
+        w, a = _quantize_layer(gr, name, wqp, aqp, unsigned_weights, prefix, (hints or {}).get(name, ""))
         if w:
             wl.append(name)
         if a:
@@ -301,41 +437,95 @@ def _int8_graph(proto: Any, quant: dict[str, tuple[Any, Any]], unsigned_weights:
     return wl, al
 
 
+def _bn_hints(model: nn.Module, quant: dict[str, tuple[Any, Any]], example: Any) -> dict[str, str]:
+    """For each quantized layer that an unfolded BatchNorm follows: the reason its weight is not in the graph."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    if not any(isinstance(m, _BatchNorm) for m in model.modules()):
+        return {}
+    from .quantize.fold import find_bn_pairs
+
+    try:
+        pairs, _, _ = find_bn_pairs(model, example.call)
+    except Exception:  # only a hint: the export's own error follows
+        return {}
+    return {layer: f"; BatchNorm {bn!r} follows it unfolded: quantize with fold_bn=True (the default) so the fold comes first"
+            for bn, layer in pairs.items() if layer in quant}
+
+
+def _check_runs(model: nn.Module, example: Any) -> None:
+    from .errors import NetshrinkError
+
+    try:
+        with torch.no_grad():
+            example.call(model)
+    except NetshrinkError:
+        raise
+    except Exception as exc:
+        text = str(exc).strip().splitlines()
+        raise ModelError(f"the model rejects the example inputs: {type(exc).__name__}: {(text[0] if text else '')[:300]}") from None
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
-    example_input: torch.Tensor | Sequence[int],
+    example_input: Any,
     *,
     int8: bool = False,
     calibration: Any = None,
     calibration_samples: int = 512,
     unsigned_weights: bool = True,
+    task: Any = None,
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
 ) -> ExportResult:
     """Write ``model`` as ONNX to ``path`` (atomically): fp32, or int8 QDQ with ``int8=True`` (module docstring).
 
-    ``example_input``: one input's shape without the batch axis, or a batch tensor. For int8, a model
-    that is not quantized yet is quantized (a copy) by ``Int8Config`` on ``calibration`` data (a
-    Dataset, DataLoader, Splits or tensor; ``calibration_samples`` examples). Unsupported ops,
-    layers the int8 rewrite cannot place, and a missing calibration set are one-line errors.
+    ``example_input``: one input's shape without the batch axis, a batch tensor, a tuple of inputs, a dict of
+    keyword inputs or an :class:`~netshrink.task.Inputs` (any dtype). ``task`` (a
+    :class:`~netshrink.task.Task`, default classification) reads calibration batches and names the
+    output to export (``output_key``). For int8, a model that is not quantized yet is quantized (a copy)
+    by ``Int8Config`` on ``calibration`` data (a Dataset, DataLoader, Splits or tensor;
+    ``calibration_samples`` examples), BatchNorm folded first. ``dynamic_axes`` replaces the default
+    dynamic axes. Unsupported ops, layers the int8 rewrite cannot place, a model that rejects the example
+    and a missing calibration set are one-line errors.
     """
     import onnx
 
+    from .task import resolve_task
+
     if not isinstance(model, nn.Module):
         raise ModelError(f"export needs an nn.Module, got {type(model).__name__}")
-    x = _example(model, example_input)
+    task = resolve_task(task)
+    example = example_inputs(example_input)
     quant = _layer_quant(model) if int8 else {}
+    skipped: dict[str, str] = {}
     if int8 and not any(a is not None for _, a in quant.values()):
         if calibration is None:
             raise DataError("int8 export: the model has no calibrated input quantizers; pass calibration data")
-        from .quantize import Int8Config, quantize_
+        from .quantize.ptq import Int8Config, int8_quantize
 
         model = copy.deepcopy(model).cpu().eval()
-        quantize_(model, Int8Config(calibration_samples=calibration_samples), data=calibration)
+        _check_runs(model, example)
+        res = int8_quantize(model, Int8Config(calibration_samples=calibration_samples), data=calibration, task=task)
+        skipped.update(res.skipped)
         quant = _layer_quant(model)
     elif not int8 and _layer_quant(model):
         log.warning("fp32 export: quantized weights are exported as their float values and input quantizers are dropped")
-    proto = _trace(_plain_copy(model), x)
-    wl, al = _int8_graph(proto, quant, unsigned_weights) if int8 else ([], [])
+    plain = _plain_copy(model)
+    _check_runs(plain, example)
+    hints: dict[str, str] = {}
+    if quant:
+        from .quantize.ptq import called_layers
+
+        mods = dict(plain.named_modules())
+        called = called_layers(plain, {n: mods[n] for n in quant if n in mods}, example)
+        for n in [n for n in quant if n not in called]:
+            skipped[n] = "never called by the model's forward: not in the graph"
+            del quant[n]
+        hints = _bn_hints(plain, quant, example)
+    adapter = _Adapter(plain, example, task.output_key)
+    proto = _trace(adapter, dynamic_axes)
+    wl, al = _int8_graph(proto, quant, unsigned_weights, "", hints) if int8 else ([], [])
     try:
         onnx.checker.check_model(proto)
     except Exception as exc:
@@ -346,7 +536,7 @@ def export_onnx(
     for n in proto.graph.node:
         ops[n.op_type] += 1
     log.info("exported %s (%s, %d bytes)", os.fspath(path), "int8" if int8 else "fp32", len(blob))
-    return ExportResult(os.fspath(path), len(blob), int8, wl, al, dict(ops))
+    return ExportResult(os.fspath(path), len(blob), int8, wl, al, dict(ops), adapter.names(), skipped)
 
 
 # ------------------------------------------------------------------------------------------- runner
@@ -371,50 +561,113 @@ def ort_session(path: str | os.PathLike, threads: int | None = None) -> Any:
         raise ModelError(f"onnxruntime cannot load {os.fspath(path)}: {(text[0] if text else type(exc).__name__)[:300]}") from None
 
 
-def _input_name(session: Any) -> str:
-    return session.get_inputs()[0].name
+_ORT_TYPES = {
+    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32, "tensor(int16)": np.int16, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+}
 
 
-def ort_predict(session: Any, x: np.ndarray | torch.Tensor) -> np.ndarray:
-    """The session's first output for the float32 batch ``x``."""
-    arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+def _as_array(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def ort_feed(session: Any, inputs: Any) -> dict[str, np.ndarray]:
+    """The feed dict of ``session`` for ``inputs``: one array/tensor (the one input), a tuple/list (the
+    inputs in order), a dict (by name), or :class:`~netshrink.task.Inputs` (positional inputs in order,
+    then keyword inputs by name). Each array is cast to the dtype the session declares."""
+    from collections.abc import Mapping
+
+    from .task import Inputs
+
+    decl = session.get_inputs()
+    names = [d.name for d in decl]
+    if isinstance(inputs, Inputs):
+        pos = [a for a in inputs.args if isinstance(a, torch.Tensor)]
+        kws = {k: v for k, v in inputs.kwargs.items() if isinstance(v, torch.Tensor)}
+        feed = dict(zip([n for n in names if n not in kws], pos))
+        feed.update(kws)
+    elif isinstance(inputs, Mapping):
+        feed = dict(inputs)
+    elif isinstance(inputs, (tuple, list)):
+        feed = dict(zip(names, inputs))
+        if len(inputs) != len(names):
+            raise DataError(f"onnxruntime: the model takes {len(names)} inputs ({', '.join(names)}), got {len(inputs)}")
+    else:
+        feed = {names[0]: inputs}
+    missing = [n for n in names if n not in feed]
+    extra = [k for k in feed if k not in names]
+    if missing or extra:
+        raise DataError(f"onnxruntime: the model's inputs are {', '.join(names)}; "
+                        + (f"missing {', '.join(missing)}" if missing else f"unknown {', '.join(map(str, extra))}"))
+    types = {d.name: _ORT_TYPES.get(d.type) for d in decl}
+    out = {}
+    for n, v in feed.items():
+        arr = _as_array(v)
+        out[n] = arr.astype(types[n], copy=False) if types[n] is not None else arr
+    return out
+
+
+def ort_predict(session: Any, x: Any) -> np.ndarray:
+    """The session's first output for the inputs ``x`` (see :func:`ort_feed`; e.g. one float32 batch)."""
+    feed = ort_feed(session, x)
     try:
-        return session.run(None, {_input_name(session): arr.astype(np.float32, copy=False)})[0]
+        return session.run(None, feed)[0]
     except Exception as exc:
         text = str(exc).strip().splitlines()
         raise ModelError(f"onnxruntime could not run the model: {(text[0] if text else type(exc).__name__)[:300]}") from None
 
 
-def ort_error_rate(session: Any, data: Any, batch_size: int = 500) -> float:
-    """Top-1 error in [0, 1] of an onnxruntime session on a Dataset of ``(x, y)`` or a DataLoader."""
-    from torch.utils.data import DataLoader
+def ort_error_rate(session: Any, data: Any, batch_size: int = 500, task: Any = None) -> float:
+    """The task's metric (top-1 error in [0, 1] by default) of an onnxruntime session on a Dataset, a
+    DataLoader or an iterable of batches; batches are split by ``task`` (tuples, dicts of named inputs)."""
+    from .task import batches, resolve_task
 
-    loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size, shuffle=False)
-    wrong = total = 0
-    for x, y in loader:
-        pred = ort_predict(session, x).argmax(axis=1)
-        wrong += int((pred != y.numpy()).sum())
-        total += int(y.numel())
-    if total == 0:
-        raise DataError("the data set is empty")
-    return wrong / total
+    task = resolve_task(task)
+    metric = task.metric()
+    for batch in batches(data, batch_size):
+        inputs, target = task.split(batch)
+        pred = torch.from_numpy(np.ascontiguousarray(ort_predict(session, inputs)))
+        try:
+            metric.update(pred, target if isinstance(target, torch.Tensor) else torch.as_tensor(target))
+        except (RuntimeError, ValueError, IndexError, TypeError) as err:
+            raise DataError(f"task {task.name!r}: the metric {metric.name!r} failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    try:
+        return metric.compute()
+    except DataError:
+        raise DataError("the data set is empty") from None
+
+
+def _batch_of(example: Any, b: int) -> Any:
+    """``example`` (the first example of each input) repeated ``b`` times along the batch axis."""
+    from .task import Inputs
+
+    rep = lambda t: t[:1].repeat((b,) + (1,) * (t.dim() - 1)) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    return Inputs(tuple(rep(a) for a in example.args), {k: rep(v) for k, v in example.kwargs.items()})
 
 
 def ort_latency(
-    session: Any, example_input: Sequence[int], batch_sizes: Sequence[int] = (1, 64), runs: int = 30, warmup: int = 5
+    session: Any, example_input: Any, batch_sizes: Sequence[int] = (1, 64), runs: int = 30, warmup: int = 5
 ) -> dict[int, LatencyStats]:
-    """Median (p10, p90) of ``runs`` timed ``session.run`` calls per batch size, as :func:`netshrink.metrics.latency`
-    (a fixed-seed normal input of shape ``(batch, *example_input)``); threads as the session was built."""
+    """Median (p10, p90) of ``runs`` timed ``session.run`` calls per batch size, as :func:`netshrink.metrics.latency`;
+    threads as the session was built. ``example_input``: one input's shape (a fixed-seed normal batch of that
+    shape) or example inputs as :func:`export_onnx` takes them (their first example repeated)."""
+    from .task import Inputs
+
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 20:
         raise ConfigError("runs", f"latency needs at least 20 timed runs, got {runs!r}")
-    one = torch.randn((1, *(int(s) for s in example_input)), generator=torch.Generator().manual_seed(0)).numpy()
-    name = _input_name(session)
+    if _is_shape(example_input):
+        one = torch.randn((1, *(int(s) for s in example_input)), generator=torch.Generator().manual_seed(0))
+        example = Inputs((one,))
+    else:
+        example = example_inputs(example_input)
     threads = int(session.get_session_options().intra_op_num_threads) or os.cpu_count() or 1
     out = {}
     for b in batch_sizes:
         if isinstance(b, bool) or not isinstance(b, int) or b < 1:
             raise ConfigError("batch_sizes", f"must be positive integers, got {b!r}")
-        feed = {name: np.ascontiguousarray(np.repeat(one, b, axis=0))}
+        feed = {k: np.ascontiguousarray(v) for k, v in ort_feed(session, _batch_of(example, b)).items()}
         for _ in range(warmup):
             session.run(None, feed)
         times = []
@@ -439,4 +692,4 @@ def onnx_input_shape(session: Any) -> tuple[int, ...]:
     return tuple(dims)
 
 
-__all__ = ["ExportResult", "export_onnx", "onnx_input_shape", "ort_error_rate", "ort_latency", "ort_predict", "ort_session"]
+__all__ = ["ExportResult", "example_inputs", "export_onnx", "onnx_input_shape", "ort_error_rate", "ort_feed", "ort_latency", "ort_predict", "ort_session"]
