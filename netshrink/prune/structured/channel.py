@@ -99,7 +99,13 @@ class ChannelConfig(BaseConfig):
             raise ConfigError("input_shape", f"must be a list of positive sizes (one example, no batch), got {self.input_shape}")
 
     def check_model(self, model: nn.Module) -> None:
-        names = {n for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear) + ATTENTION_TYPES)}
+        from .hf import find_blocks, is_hf_model
+
+        if is_hf_model(model):  # transformers models: keys name attention blocks and MLPs
+            attn, mlp, _ = find_blocks(model)
+            names = {b.path for b in attn} | {b.path for b in mlp}
+        else:
+            names = {n for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear) + ATTENTION_TYPES)}
         for key, where in [(n, "layer_ratio") for n in self.layer_ratio] + [(n, "layers") for n in self.layers or []]:
             if key not in names:
                 raise ConfigError(f"{where}.{key}", f"no convolution, linear or attention layer {key!r} in the model")
@@ -267,9 +273,14 @@ def plan_removal(graph: DependencyGraph, scores: dict[int, float], config: Chann
 
 
 @handler(ChannelConfig)
-def channel_prune(model: nn.Module, config: ChannelConfig, data: Any = None) -> ChannelResult:
+def channel_prune(model: nn.Module, config: ChannelConfig, data: Any = None, task: Any = None) -> ChannelResult:
     """Build the dependency graph of ``model``, score, and remove (or, with ``mode: zero``, zero) the
-    lowest-scored channels in place. Returns a :class:`ChannelResult`."""
+    lowest-scored channels in place. Returns a :class:`ChannelResult`. A ``transformers`` model is
+    pruned block by block instead (heads and MLP units, :mod:`.hf`)."""
+    from .hf import is_hf_model, prune_hf
+
+    if is_hf_model(model):
+        return prune_hf(model, config, data, task)
     graph = DependencyGraph.build(model, example_inputs(model, config, data), strict=config.strict,
                                   approximate_layernorm=config.approximate_layernorm, gqa_heads=config.gqa_heads)
     if config.criterion == "l1":
