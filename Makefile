@@ -11,6 +11,8 @@ TORCH   := torch==2.13.0
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH)
+	# .[test] pulls every extra (onnx, lowrank, plot, digits) and hf (transformers>=5, which does not
+	# pull torch), so the demo and the whole test suite, transformers models included, run
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 

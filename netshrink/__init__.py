@@ -8,14 +8,16 @@
     restored = ns.load("model.nsk", model=fresh_instance)
 """
 
-from ._registry import list_methods
+from ._modules import register_module
+from ._registry import handler as method_handler, list_methods, register as register_method
+from .data import load_data, register_dataset
 from .errors import ConfigError, DataError, FormatError, ModelError, NetshrinkError
 from .lowrank import CPConfig, SeparableConfig, SvdConfig, TuckerConfig, factorize_
 from .lowrank import LayerwiseConfig, RankBudgetConfig
 from .filters import CReLUConfig, DepthwiseConfig, EquivariantConfig, compact_
 from .matrices import CirculantConfig, HashedConfig, ToeplitzConfig, structure_
 from .metrics import count_nonzeros, count_params, error_rate, fp32_bytes, latency, macs, sqnr_db
-from .models import build_model, list_models
+from .models import build_model, list_models, register_model
 from .pack import load, pack, packed_bytes, read_info, unpack_to_safetensors
 from .pack.stage import HuffmanConfig
 from .pipeline import run_recipe
@@ -58,6 +60,12 @@ __all__ = [
     "build_model",
     "list_models",
     "list_methods",
+    "register_model",
+    "register_dataset",
+    "register_method",
+    "method_handler",
+    "register_module",
+    "load_data",
     "load_recipe",
     "parse_recipe",
     "run_recipe",
