@@ -84,3 +84,8 @@ __all__ = [
     "tucker2_macs_ranks",
     "tucker2_vbmf_ranks",
 ]
+
+# activation-aware low rank on transformers (issue 15): SVD-LLM whitening and ASVD scaling
+from .asvd import AsvdConfig
+
+__all__ += ["AsvdConfig"]

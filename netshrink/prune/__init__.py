@@ -68,3 +68,14 @@ __all__ += ["SparseLinear", "sparsify_linear_"]
 from .structured import ChannelConfig, ChannelResult, DependencyGraph, structured_prune_
 
 __all__ += ["ChannelConfig", "ChannelResult", "DependencyGraph", "structured_prune_"]
+
+# the OBS line on transformers (issue 15): SparseGPT and Wanda over the sequential calibration
+from .sparsegpt import SparseGptConfig
+from .wanda import WandaConfig
+
+__all__ += ["SparseGptConfig", "WandaConfig"]
+
+# sparse variational dropout (Molchanov et al. 2017): per-weight log sigma^2, pruned at log alpha > 3
+from .variational_dropout import VariationalDropoutConfig, VariationalDropoutResult
+
+__all__ += ["VariationalDropoutConfig", "VariationalDropoutResult"]

@@ -90,3 +90,15 @@ __all__ += [
     "to_fixed",
 ]
 __all__ += ["BnnConfig", "BnnResult", "SignActivation", "XnorLinear", "to_xnor_"]
+
+# the OBS line on transformers (issue 15): GPTQ, RTN, AWQ, SmoothQuant over the sequential calibration
+from .awq import AwqConfig
+from .gptq import GptqConfig, GroupQuant, RtnConfig
+from .smoothquant import SmoothQuantConfig, SmoothQuantLinear
+
+__all__ += ["AwqConfig", "GptqConfig", "GroupQuant", "RtnConfig", "SmoothQuantConfig", "SmoothQuantLinear"]
+
+# soft weight-sharing (Ullrich et al. 2017): a learned Gaussian mixture prior, merged, quantized to its means
+from .soft_sharing import SoftSharingConfig, SoftSharingResult
+
+__all__ += ["SoftSharingConfig", "SoftSharingResult"]
