@@ -432,3 +432,6 @@ def vit_tiny(in_channels: int = 1, num_classes: int = 10, input_size: int = 28, 
 
 
 __all__ += ["vit_tiny", "PatchTransformer"]
+
+# the language models of issue 15 register themselves (netshrink/lm.py)
+from . import lm as _lm  # noqa: E402,F401
