@@ -54,6 +54,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._extras import require
 from ._fileio import atomic_write_bytes
 from .errors import ConfigError, DataError, ModelError
 from .metrics import LatencyStats
@@ -232,7 +233,7 @@ def _no_attention_fast_path() -> Any:
 
 
 def _trace(model: _Adapter, dynamic_axes: Any = None) -> Any:
-    import onnx
+    onnx = require("onnx", "onnx")
 
     buf, chatter = io.BytesIO(), io.StringIO()
     tensors, names = tuple(model.tensors()), model.names()
@@ -489,7 +490,7 @@ def export_onnx(
     dynamic axes. Unsupported ops, layers the int8 rewrite cannot place, a model that rejects the example
     and a missing calibration set are one-line errors.
     """
-    import onnx
+    onnx = require("onnx", "onnx")
 
     from .task import resolve_task
 
@@ -545,7 +546,7 @@ def export_onnx(
 def ort_session(path: str | os.PathLike, threads: int | None = None) -> Any:
     """An onnxruntime CPU session of ``path`` with all graph optimizations (QDQ fusion included);
     ``threads`` fixes the intra-op thread count. An unreadable or invalid file is a :class:`ModelError`."""
-    import onnxruntime as ort
+    ort = require("onnxruntime", "onnx")
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

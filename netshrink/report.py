@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from ._extras import require
 from ._fileio import atomic_write_text
 
 log = logging.getLogger("netshrink.report")
@@ -54,7 +55,7 @@ def plot_weight_sharing(snapshots: dict[str, dict[str, list[float]]], path: Path
     """Histogram of one layer's non-zero weights before and after weight sharing (the paper's Fig. 4)."""
     if not snapshots:
         return None
-    import matplotlib
+    matplotlib = require("matplotlib", "plot")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -79,7 +80,7 @@ def plot_weight_sharing(snapshots: dict[str, dict[str, list[float]]], path: Path
 
 def plot_sparsity(layers: Sequence[tuple[str, int, int]], path: Path) -> Path:
     """Bar plot of the share of weights kept per layer; ``layers`` = (name, weights, non-zeros)."""
-    import matplotlib
+    matplotlib = require("matplotlib", "plot")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from ._extras import MissingExtraError
 from .pack import NskInfo, read_info
 from .report import markdown_table, plot_sparsity, plot_weight_sharing, stage_table, text_table, write_markdown
 
@@ -125,12 +126,15 @@ def write_run_report(result: Any, recipe: Any) -> Path:
         note = (f"Median latency in torch on this machine ({speed.threads} threads), the two models timed in turns in the "
                 "same run (`netshrink.metrics.compare_latency`).")
         sections.append(("Speed", table + "\n\n" + note + "\n\n" + "\n".join(f"- {v}" for v in speed.verdicts())))
-    weights = plot_weight_sharing(result.layer_snapshots, out / "weights.png")
-    layers = [(t.name.rsplit(".", 1)[0], t.numel, t.nonzeros) for t in final.tensors if _is_layer_weight(t)]
-    plot_sparsity(layers, out / "sparsity.png")
-    pics = "![non-zero weights per layer](sparsity.png)"
-    if weights is not None:
-        pics = "![weights before and after sharing](weights.png)\n\n" + pics
+    try:  # plots need the `plot` extra; without it the report says so and the run still ends well
+        weights = plot_weight_sharing(result.layer_snapshots, out / "weights.png")
+        layers = [(t.name.rsplit(".", 1)[0], t.numel, t.nonzeros) for t in final.tensors if _is_layer_weight(t)]
+        plot_sparsity(layers, out / "sparsity.png")
+        pics = "![non-zero weights per layer](sparsity.png)"
+        if weights is not None:
+            pics = "![weights before and after sharing](weights.png)\n\n" + pics
+    except MissingExtraError as err:
+        pics = f"Not drawn: {err}"
     sections.append(("Plots", pics))
     return write_markdown(out / "report.md", sections, f"netshrink run: {recipe.name}")
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._extras import require
 from .._modules import register_module
 from ..errors import ModelError
 from ._common import (
@@ -83,7 +84,7 @@ class TuckerFactors:
 
 
 def _tensorly():
-    import tensorly
+    tensorly = require("tensorly", "lowrank")
 
     return tensorly
 

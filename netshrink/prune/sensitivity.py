@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._extras import require
 from .._allocate import eval_subset, evaluate, glob_escape, knapsack_min, layer_macs, val_source
 from .._layers import select_layers
 from .._registry import HandlerContext, config_type, handler, method_info, register, run_handler
@@ -102,7 +103,7 @@ class SensitivityCurves:
 
     def plot(self, path: str | os.PathLike[str], metric: Metric = "error") -> Path:
         """PNG of ``metric`` against each layer's sparsity, the dense value dashed."""
-        import matplotlib
+        matplotlib = require("matplotlib", "plot")
 
         matplotlib.use("Agg")
         from matplotlib.figure import Figure
