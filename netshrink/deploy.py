@@ -107,6 +107,33 @@ def _repeat(example: Inputs, b: int) -> Inputs:
     return Inputs(tuple(rep(a) for a in example.args), {k: rep(v) for k, v in example.kwargs.items()})
 
 
+def time_forms(
+    runners: dict[str, Callable[[Inputs], Any]], example: Any, batch_sizes: Sequence[int] = (1, 32), *,
+    runs: int = 20, rounds: int = 3, warmup: int = 3,
+) -> dict[str, dict[int, float]]:
+    """Median ms of ``runs`` calls of each runner per batch size, the runners taking turns for ``rounds``
+    rounds (a burst of load falls on all alike); per runner and batch size the round with the middle median.
+    ``example``'s first example is repeated to each batch size."""
+    ex = Inputs.of(example).take(1)
+    feeds = {b: _repeat(ex, b) for b in batch_sizes}
+    per_round: dict[str, dict[int, list[float]]] = {n: {b: [] for b in batch_sizes} for n in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            for b in batch_sizes:
+                per_round[name][b].append(_time(lambda: run(feeds[b]), runs, warmup))
+    return {n: {b: sorted(v)[len(v) // 2] for b, v in d.items()} for n, d in per_round.items()}
+
+
+def torch_runner(model: nn.Module, task: Task | None = None) -> Callable[[Inputs], np.ndarray]:
+    """A callable running ``model`` (eval, no grad) on :class:`~netshrink.task.Inputs`, returning its output as numpy."""
+    return _runner_torch(model.eval(), resolve_task(task))
+
+
+def ort_runner(session: Any) -> Callable[[Inputs], np.ndarray]:
+    """A callable running an onnxruntime session on :class:`~netshrink.task.Inputs`."""
+    return _runner_ort(session)
+
+
 def _plain(model: nn.Module) -> nn.Module:
     from .export import _plain_copy
 
@@ -211,17 +238,12 @@ def deploy(
         for r in results:
             if r.refused and strict:
                 raise ModelError(f"deploy: the {r.name} form is refused: {r.refused}")
-        per_round: dict[str, dict[int, list[float]]] = {n: {b: [] for b in batch_sizes} for n in runners}
-        feeds = {b: _repeat(ex, b) for b in batch_sizes}
-        for _ in range(rounds):
-            for name, run in runners.items():
-                for b in batch_sizes:
-                    per_round[name][b].append(_time(lambda: run(feeds[b]), runs, warmup))
+        timed = time_forms(runners, ex, batch_sizes, runs=runs, rounds=rounds, warmup=warmup)
     finally:
         torch.set_num_threads(previous)
     for r in results:
-        if r.name in per_round:
-            r.median_ms = {b: sorted(v)[len(v) // 2] for b, v in per_round[r.name].items()}
+        if r.name in timed:
+            r.median_ms = timed[r.name]
     ref = next(r for r in results if r.name == "torch")
     for r in results:
         if r.median_ms:
@@ -329,4 +351,4 @@ def profile_onnx(path: str | os.PathLike[str], example: Any, *, runs: int = 20, 
     return dict(sorted(((k, v / total) for k, v in per_op.items()), key=lambda kv: -kv[1]))
 
 
-__all__ = ["DeployResult", "FORMS", "FormResult", "deploy", "profile_onnx"]
+__all__ = ["DeployResult", "FORMS", "FormResult", "deploy", "ort_runner", "profile_onnx", "time_forms", "torch_runner"]
