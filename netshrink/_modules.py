@@ -207,7 +207,8 @@ def _build(cls: type[nn.Module], args: dict[str, Any], where: str) -> nn.Module:
         raise ModelError(f"{where}: cannot build {cls.__name__} from {json.dumps(args)[:200]}: {exc}") from None
 
 
-def apply_edits(model: nn.Module, edits: Any, *, where: str = "edits", guard: Any = None) -> nn.Module:
+def apply_edits(model: nn.Module, edits: Any, *, where: str = "edits", guard: Any = None,
+                max_elements: int | None = None) -> nn.Module:
     """Replay ``edits`` (a list as :func:`replace_module` records it) on ``model`` in place; return it.
 
     Each edit builds its registered type from ``args`` (on the device and in the floating dtype of the
@@ -215,10 +216,15 @@ def apply_edits(model: nn.Module, edits: Any, *, where: str = "edits", guard: An
     (with fresh values, to be filled by the caller). With a ``guard``
     (:class:`netshrink.pack._budget.BuildGuard`, used when the edits come from a file), each new module is
     first built on the meta device inside the guard, which stops a build that registers more modules or
-    elements than the file justifies, and then built for real.
+    elements than the file justifies, and then built for real. ``max_elements`` alone is such a guard
+    that bounds the new modules' elements (parameters and buffers) in all.
     An unknown type, a bad path or args the type rejects raise one-line :class:`ModelError`.
     """
     check_edits(edits, where, ModelError)
+    if guard is None and max_elements is not None:
+        from .pack._budget import BuildBudget, BuildGuard
+
+        guard = BuildGuard(BuildBudget(1 << 62, int(max_elements), where))
     for i, e in enumerate(edits):
         at = f"{where}[{i}] ({e['path']})"
         cls = module_class(e["type"], at)

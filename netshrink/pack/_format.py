@@ -38,10 +38,6 @@ MAX_HEADER_BYTES = 64 << 20
 MAX_FILE_BYTES = 1 << 36
 MAX_SECTIONS = 1 << 20
 MAX_DIMS = 16
-#: dense elements a file may decode to: at most this many in all ...
-MAX_TOTAL_ELEMENTS = 1 << 31
-#: ... and at most ``2**20 + ELEMENTS_PER_BYTE * file size`` (a 99.99 %-sparse file stays well inside)
-ELEMENTS_PER_BYTE = 4096
 
 
 def serialize(header: dict[str, Any], sections: list[tuple[str, bytes]]) -> tuple[bytes, dict[str, Any], int]:
@@ -119,6 +115,17 @@ def int_field(obj: dict[str, Any], key: str, where: str, lo: int = 0, hi: int = 
     return _int(obj[key], f"{where}.{key}", lo, hi)
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
 def _inflate(raw: bytes, where: str) -> bytes:
     """The deflated header, inflated with a cap: a small bomb cannot allocate more than the limit."""
     d = zlib.decompressobj()
@@ -158,7 +165,7 @@ def parse(buf: bytes, where: str) -> tuple[dict[str, Any], list[memoryview]]:
     if flags & FLAG_DEFLATE:
         raw = _inflate(raw, where)
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise FormatError(f"{where}: header is not valid UTF-8 JSON: {str(exc)[:80]}") from None
     if not isinstance(header, dict):

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import FormatError
-from ._format import field, int_field
+from ._format import int_field
 from ._streams import code_stream, decode_stream
 from ._tensors import MAX_CODE_BITS, Encoded, TensorSpec, bytes_tensor, tensor_bytes
 
@@ -154,34 +154,6 @@ def encode_quant(name: str, t: torch.Tensor, hint: Any, coding: str, base: dict)
 
 
 # ---------------------------------------------------------------------------------------------- reading
-
-
-def check_quant(entry: dict, encoding: str, dtype: str, shape: tuple[int, ...], where: str) -> dict[str, Any]:
-    """The entry's ``quant`` fields, checked against its encoding and shape."""
-    if dtype != "float32":
-        raise FormatError(f"{where}.dtype: {encoding} needs float32, got {dtype}")
-    parts = entry["parts"]
-    if encoding == "cast":
-        if parts["data"].get("dtype") not in _HALF:
-            raise FormatError(f"{where}.parts.data.dtype: cast stores float16 or bfloat16, got {parts['data'].get('dtype')!r}")
-        return {}
-    quant = field(entry, "quant", dict, where)
-    axis = quant.get("axis", "missing")
-    if axis not in (None, 0) or isinstance(axis, bool):
-        raise FormatError(f"{where}.quant.axis: expected null or 0, got {axis!r}")
-    if axis == 0 and len(shape) == 0:
-        raise FormatError(f"{where}.quant.axis: a 0-d tensor has no channel axis")
-    out: dict[str, Any] = {"axis": axis}
-    stream = "codes" if encoding.startswith("affine") else ("signs" if encoding == "binary" else "trits")
-    if encoding.startswith("affine"):
-        out["bits"] = int_field(quant, "bits", f"{where}.quant", 1, MAX_CODE_BITS)
-        out["signed"] = field(quant, "signed", bool, f"{where}.quant")
-        want_bits = out["bits"]
-    else:
-        want_bits = 1 if encoding == "binary" else 2
-    if parts[stream]["bits"] != want_bits:
-        raise FormatError(f"{where}.parts.{stream}.bits: expected {want_bits}, got {parts[stream]['bits']}")
-    return out
 
 
 def decode_quant(spec: TensorSpec, part: Callable[[str], tuple[dict[str, Any], memoryview, str]]) -> tuple[torch.Tensor, dict[str, Any] | None]:

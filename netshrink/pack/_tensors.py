@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -32,43 +32,15 @@ from .._state import WeightState
 from ..errors import FormatError, ModelError
 from . import sparse
 from ._bits import bit_width
-from ._format import MAX_DIMS, field, int_field
+from ._format import int_field
+from ._schema import DTYPES, FLOATS, MAX_CODE_BITS, MAX_CODEBOOK, PARTS, QUANT, TensorSpec, check_entry
 from ._streams import code_stream, decode_stream
 
 log = logging.getLogger(__name__)
 
-# name -> (torch dtype, little-endian numpy dtype of the stored bytes)
-DTYPES: dict[str, tuple[torch.dtype, str]] = {
-    "float32": (torch.float32, "<f4"),
-    "float16": (torch.float16, "<f2"),
-    "bfloat16": (torch.bfloat16, "<i2"),
-    "float64": (torch.float64, "<f8"),
-    "int64": (torch.int64, "<i8"),
-    "int32": (torch.int32, "<i4"),
-    "int16": (torch.int16, "<i2"),
-    "int8": (torch.int8, "i1"),
-    "uint8": (torch.uint8, "u1"),
-    "bool": (torch.bool, "u1"),
-}
-_FLOATS = ("float32", "float16", "bfloat16", "float64")
 _BITS_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float64: torch.int64}
-ENCODINGS = {
-    "raw": ("data",),
-    "sparse": ("positions", "values"),
-    "codebook": ("codebook", "indices"),
-    "sparse_codebook": ("positions", "codebook", "indices"),
-    "affine": ("codes", "scale"),
-    "affine_zp": ("codes", "scale", "zero_point"),
-    "binary": ("signs", "scale"),
-    "ternary": ("trits", "scale"),
-    "cast": ("data",),
-}
-_QUANT = ("affine", "affine_zp", "binary", "ternary", "cast")
-_STREAMS = ("positions", "indices", "codes", "signs", "trits")
-#: widest affine code (fixed point up to 24-bit words)
-MAX_CODE_BITS = 24
-MAX_CODEBOOK = 1 << 24
-MAX_DIM = 1 << 40
+_FLOATS = FLOATS
+ENCODINGS = {name: tuple(parts) for name, parts in PARTS.items()}
 
 
 def dtype_name(dtype: torch.dtype, name: str) -> str:
@@ -202,71 +174,6 @@ def encode_tensor(name: str, tensor: torch.Tensor, ws: WeightState | None, codin
     return raw
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """A checked header entry: what one tensor is and where its parts lie (section indices)."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    encoding: str
-    masked: bool
-    nonzeros: int
-    kept: int
-    parts: dict[str, dict[str, Any]]
-    quant: dict[str, Any] | None = None
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-def check_entry(entry: Any, where: str, n_sections: int) -> TensorSpec:
-    """Validate the structure of one header tensor entry (no section is read)."""
-    name = field(entry, "name", str, where)
-    where = f"{where} ({name!r})"
-    shape = field(entry, "shape", list, where)
-    if len(shape) > MAX_DIMS:
-        raise FormatError(f"{where}.shape: {len(shape)} dimensions exceed the limit of {MAX_DIMS}")
-    shape_t = tuple(int_field({f"[{i}]": d}, f"[{i}]", f"{where}.shape", 0, MAX_DIM) for i, d in enumerate(shape))
-    dtype = field(entry, "dtype", str, where)
-    if dtype not in DTYPES:
-        raise FormatError(f"{where}.dtype: unknown dtype {dtype!r}")
-    encoding = field(entry, "encoding", str, where)
-    if encoding not in ENCODINGS:
-        raise FormatError(f"{where}.encoding: unknown encoding {encoding!r}")
-    numel = math.prod(shape_t)
-    kept = int_field(entry, "kept", where, 0, numel)
-    nonzeros = int_field(entry, "nonzeros", where, 0, numel)
-    masked = field(entry, "masked", bool, where)
-    parts = field(entry, "parts", dict, where)
-    if sorted(parts) != sorted(ENCODINGS[encoding]):
-        raise FormatError(f"{where}.parts: {encoding} needs parts {list(ENCODINGS[encoding])}, got {sorted(parts)}")
-    for pname in ENCODINGS[encoding]:
-        pw = f"{where}.parts.{pname}"
-        int_field(parts[pname], "section", pw, 0, n_sections - 1)
-        int_field(parts[pname], "count", pw)
-        if pname in _STREAMS:
-            if parts[pname].get("coding") not in ("fixed", "huffman"):
-                raise FormatError(f"{pw}.coding: expected 'fixed' or 'huffman', got {parts[pname].get('coding')!r}")
-            int_field(parts[pname], "bits", pw, 1, 64)
-            int_field(parts[pname], "coded_bits", pw)
-            if not isinstance(parts[pname].get("entropy_bits"), (int, float)) or isinstance(parts[pname].get("entropy_bits"), bool):
-                raise FormatError(f"{pw}.entropy_bits: expected a number")
-    if encoding in ("codebook", "sparse_codebook") and dtype != "float32":
-        raise FormatError(f"{where}.dtype: {encoding} needs float32, got {dtype}")
-    if encoding == "sparse" and dtype not in _FLOATS:
-        raise FormatError(f"{where}.dtype: sparse needs a floating dtype, got {dtype}")
-    if encoding in ("raw", "codebook") + _QUANT and kept != numel:
-        raise FormatError(f"{where}.kept: {encoding} keeps all {numel} entries, header says {kept}")
-    quant = None
-    if encoding in _QUANT:
-        from ._qtensors import check_quant
-
-        quant = check_quant(entry, encoding, dtype, shape_t, where)
-    return TensorSpec(name, shape_t, dtype, encoding, masked, nonzeros, kept, parts, quant)
-
-
 @dataclass
 class Decoded:
     """A decoded tensor and, for ``restore``, its compression structure."""
@@ -278,66 +185,97 @@ class Decoded:
     quant: dict[str, Any] | None = None  # affine: scale, zero_point, bits, signed, axis (for restore)
 
 
-def decode_tensor(spec: TensorSpec, views: list[memoryview], where: str) -> Decoded:
-    """Dense tensor of ``spec`` from its sections; every count is checked against the section sizes."""
-    at = f"{where}: tensor {spec.name!r}"
-    numel, kept = spec.numel, spec.kept
+PartFn = Callable[[str], tuple[dict[str, Any], memoryview, str]]
 
-    def part(p: str) -> tuple[dict[str, Any], memoryview, str]:
-        return spec.parts[p], views[spec.parts[p]["section"]], f"{at}, section '{spec.name}/{p}'"
 
-    if spec.encoding in _QUANT:
-        from ._qtensors import decode_quant
+def _decode_raw(spec: TensorSpec, part: PartFn) -> Decoded:
+    desc, data, w = part("data")
+    return Decoded(bytes_tensor(data, spec.dtype, spec.numel, w).reshape(spec.shape))
 
-        tensor, quant = decode_quant(spec, part)
-        return Decoded(tensor, quant=quant)
-    if spec.encoding == "raw":
-        desc, data, w = part("data")
-        if desc.get("dtype") != spec.dtype or int_field(desc, "count", w) != numel:
-            raise FormatError(f"{w}: dtype/count disagree with the tensor")
-        return Decoded(bytes_tensor(data, spec.dtype, numel, w).reshape(spec.shape))
-    positions = None
-    if "positions" in spec.parts:
-        desc, data, w = part("positions")
-        gaps = decode_stream(desc, data, w, sparse.MAX_GAP_BITS, numel)
-        try:
-            positions = sparse.decode_positions(gaps, int(desc["bits"]), numel, kept)
-        except FormatError as exc:
-            raise FormatError(f"{w}: {exc}") from None
-    if spec.encoding == "sparse":
-        desc, data, w = part("values")
-        if desc.get("dtype") != spec.dtype or int_field(desc, "count", w) != kept:
-            raise FormatError(f"{w}: dtype/count disagree with the tensor")
-        values = bytes_tensor(data, spec.dtype, kept, w)
-        dense = torch.zeros(numel, dtype=values.dtype)
-        pos_t = torch.from_numpy(positions)
-        dense[pos_t] = values
-        mask = None
-        if spec.masked:
-            mask = torch.zeros(numel, dtype=torch.bool)
-            mask[pos_t] = True
-            mask = mask.reshape(spec.shape)
-        return Decoded(dense.reshape(spec.shape), mask=mask)
+
+def _positions(spec: TensorSpec, part: PartFn) -> np.ndarray:
+    desc, data, w = part("positions")
+    gaps = decode_stream(desc, data, w, sparse.MAX_GAP_BITS, spec.numel)
+    try:
+        return sparse.decode_positions(gaps, int(desc["bits"]), spec.numel, spec.kept)
+    except FormatError as exc:
+        raise FormatError(f"{w}: {exc}") from None
+
+
+def _decode_sparse(spec: TensorSpec, part: PartFn) -> Decoded:
+    positions = _positions(spec, part)
+    desc, data, w = part("values")
+    values = bytes_tensor(data, spec.dtype, spec.kept, w)
+    dense = torch.zeros(spec.numel, dtype=values.dtype)
+    pos_t = torch.from_numpy(positions)
+    dense[pos_t] = values
+    mask = None
+    if spec.masked:
+        mask = torch.zeros(spec.numel, dtype=torch.bool)
+        mask[pos_t] = True
+        mask = mask.reshape(spec.shape)
+    return Decoded(dense.reshape(spec.shape), mask=mask)
+
+
+def _decode_codebook(spec: TensorSpec, part: PartFn) -> Decoded:
+    positions = _positions(spec, part) if spec.encoding == "sparse_codebook" else None
     desc, data, w = part("codebook")
     k = int_field(desc, "count", w, 1, MAX_CODEBOOK)
-    if desc.get("dtype") != "float32":
-        raise FormatError(f"{w}: codebook dtype must be float32")
     codebook = bytes_tensor(data, "float32", k, w)
     desc, data, w = part("indices")
-    n_idx = numel if positions is None else kept
-    if int_field(desc, "count", w) != n_idx:
-        raise FormatError(f"{w}: {desc['count']} indices, expected {n_idx}")
-    idx = decode_stream(desc, data, w, 32, n_idx)
+    n_idx = spec.numel if positions is None else spec.kept
+    idx = decode_stream(desc, data, w, MAX_CODE_BITS, n_idx)
+    if idx.size != n_idx:
+        raise FormatError(f"{w}: {idx.size} indices, expected {n_idx}")
     if idx.size and int(idx.max()) >= k:
         raise FormatError(f"{w}: an index exceeds the codebook of {k} entries")
     idx_t = torch.from_numpy(idx)
     if positions is None:
         return Decoded(codebook[idx_t].reshape(spec.shape), codebook=codebook, indices=idx_t.reshape(spec.shape))
     pos_t = torch.from_numpy(positions)
-    dense = torch.zeros(numel, dtype=torch.float32)
+    dense = torch.zeros(spec.numel, dtype=torch.float32)
     dense[pos_t] = codebook[idx_t]
-    full_idx = torch.zeros(numel, dtype=torch.int64)
+    full_idx = torch.zeros(spec.numel, dtype=torch.int64)
     full_idx[pos_t] = idx_t
-    mask = torch.zeros(numel, dtype=torch.bool)
+    mask = torch.zeros(spec.numel, dtype=torch.bool)
     mask[pos_t] = True
     return Decoded(dense.reshape(spec.shape), mask.reshape(spec.shape), codebook, full_idx.reshape(spec.shape))
+
+
+def _decode_quant(spec: TensorSpec, part: PartFn) -> Decoded:
+    from ._qtensors import decode_quant
+
+    tensor, quant = decode_quant(spec, part)
+    return Decoded(tensor, quant=quant)
+
+
+@dataclass(frozen=True)
+class Codec:
+    """One encoding: its parts (``"array"`` or ``"stream"``, in section order), the header check
+    (:func:`netshrink.pack._schema.check_entry`, which reads :data:`PARTS`) and its decoder. Encoding
+    is one function for all (:func:`encode_tensor`), since it chooses the encoding."""
+
+    parts: dict[str, str]
+    decode: Callable[[TensorSpec, PartFn], Decoded]
+    check: Callable[..., TensorSpec] = check_entry
+
+
+#: the codec table: encoding name -> parts, check and decode
+CODECS: dict[str, Codec] = {
+    "raw": Codec(PARTS["raw"], _decode_raw),
+    "sparse": Codec(PARTS["sparse"], _decode_sparse),
+    "codebook": Codec(PARTS["codebook"], _decode_codebook),
+    "sparse_codebook": Codec(PARTS["sparse_codebook"], _decode_codebook),
+    **{name: Codec(PARTS[name], _decode_quant) for name in QUANT},
+}
+
+
+def decode_tensor(spec: TensorSpec, views: list[memoryview], where: str) -> Decoded:
+    """Dense tensor of ``spec`` (checked by :func:`check_entry`) from its sections; the decoders check
+    every count against the section sizes."""
+    at = f"{where}: tensor {spec.name!r}"
+
+    def part(p: str) -> tuple[dict[str, Any], memoryview, str]:
+        return spec.parts[p], views[spec.parts[p]["section"]], f"{at}, section '{spec.name}/{p}'"
+
+    return CODECS[spec.encoding].decode(spec, part)

@@ -50,6 +50,9 @@ _HEAD = struct.Struct("<BBBB4xIIQQ")
 STREAM_HEAD_BYTES = _HEAD.size
 _LAYOUT = 1
 _ENC_CHUNK = 1 << 18
+#: largest decoding chunk accepted: the writer uses at most 4096 (:func:`default_sync_every`), and the
+#: decoder takes one numpy step per symbol of a chunk, so this bounds the steps whatever the head says
+MAX_SYNC_EVERY = 4096
 
 
 @dataclass(frozen=True)
@@ -246,8 +249,10 @@ class HuffmanStream:
             raise FormatError(f"huffman stream: unknown layout {layout}/table mode {mode}")
         if count > nbits or (count == 0) != (nbits == 0) or (count > 0) != (entries > 0):
             raise FormatError(f"huffman stream: {count} symbols in {nbits} bits is impossible")
-        if not 1 <= sync_every <= 1 << 24 or gw > 32 or sw > 64:
-            raise FormatError("huffman stream: bad sync interval or field width")
+        if not 1 <= sync_every <= MAX_SYNC_EVERY:
+            raise FormatError(f"huffman stream: sync interval {sync_every} is outside [1, {MAX_SYNC_EVERY}]")
+        if gw > 32 or sw > bit_width(nbits):  # a chunk never holds more bits than the payload
+            raise FormatError(f"huffman stream: field width (table gaps {gw}, sync {sw}) out of range")
         chunks = -(-count // sync_every)
         n_sync = max(chunks - 1, 0)
         if (n_sync > 0) != (sw > 0) or (mode == 1) != (gw > 0):
@@ -271,6 +276,10 @@ class HuffmanStream:
         _check_lengths(lengths, count)
         at += t_len
         chunk_bits = unpack_fixed(buf[at : at + sizes[2]], sw, n_sync) if sw else np.zeros(0, dtype=np.int64)
+        if n_sync and (int(chunk_bits.min()) < sync_every or int(chunk_bits.max()) > MAX_CODE_LEN * sync_every):
+            raise FormatError("huffman stream: a chunk's bit length is impossible for its symbol count")
+        if n_sync and float(chunk_bits.astype(np.float64).sum()) > nbits:
+            raise FormatError("huffman stream: chunk index runs past the payload")
         at += sizes[2]
         code = HuffmanCode(symbols.astype(np.int64), lengths.astype(np.uint8))
         return cls(code, int(count), int(nbits), bytes(buf[at:]), int(sync_every), chunk_bits.astype(np.int64))
@@ -292,6 +301,8 @@ def encode(symbols: np.ndarray, max_len: int = MAX_CODE_LEN, sync_every: int | N
     n = sym.size
     if sync_every is None:
         sync_every = default_sync_every(n)
+    if isinstance(sync_every, bool) or not isinstance(sync_every, int) or not 1 <= sync_every <= MAX_SYNC_EVERY:
+        raise ValueError(f"sync_every must be an integer in 1..{MAX_SYNC_EVERY}, got {sync_every!r}")
     if n == 0:
         return HuffmanStream(HuffmanCode(np.zeros(0, np.int64), np.zeros(0, np.uint8)), 0, 0, b"", sync_every)
     used, counts, inverse = _histogram(sym)
@@ -334,6 +345,8 @@ def encode(symbols: np.ndarray, max_len: int = MAX_CODE_LEN, sync_every: int | N
 def decode(stream: HuffmanStream) -> np.ndarray:
     """Decode ``stream`` to an int64 array; a corrupt stream raises :class:`FormatError`."""
     count, K = stream.count, stream.sync_every
+    if not 1 <= K <= MAX_SYNC_EVERY:
+        raise FormatError(f"huffman stream: sync interval {K} is outside [1, {MAX_SYNC_EVERY}]")
     if count == 0:
         return np.zeros(0, dtype=np.int64)
     code = stream.code
@@ -357,7 +370,9 @@ def decode(stream: HuffmanStream) -> np.ndarray:
         raise FormatError("huffman stream: chunk index does not match the symbol count")
     starts = np.concatenate([[0], np.cumsum(stream.chunk_bits)]).astype(np.int64)
     last_n = count - (chunks - 1) * K
-    if (chunks > 1 and int(stream.chunk_bits.min()) < K) or int(starts[-1]) + last_n > stream.nbits:
+    if chunks > 1 and (int(stream.chunk_bits.min()) < K or int(stream.chunk_bits.max()) > MAX_CODE_LEN * K):
+        raise FormatError("huffman stream: chunk index inconsistent with the payload")
+    if int(starts[-1]) + last_n > stream.nbits:
         raise FormatError("huffman stream: chunk index inconsistent with the payload")
     if len(stream.payload) != packed_nbytes(stream.nbits, 1):
         raise FormatError("huffman stream: payload length does not match its bit count")

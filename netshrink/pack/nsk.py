@@ -29,9 +29,10 @@ from ..errors import ConfigError, FormatError, ModelError, NetshrinkError
 from ..prune._mask import apply_mask, make_permanent
 from ..quantize._sharing import apply_sharing
 from ..quantize._storage import act_quant_specs, apply_act_quant, check_act_quant, restore_weight_quant, storage_hints
-from . import _format
 from ._format import PRELUDE, VERSION, atomic_write, field as hfield, parse, read_file, serialize
 from ._streams import CODINGS
+from ._budget import BuildBudget, BuildGuard
+from ._schema import check_edit_args, check_model, element_limit
 from ._tensors import Decoded, TensorSpec, check_entry, decode_tensor, encode_tensor
 
 log = logging.getLogger(__name__)
@@ -200,7 +201,7 @@ def _emit(f: BinaryIO, model: nn.Module, coding: str, metadata: dict[str, Any] |
         header["act_quant"] = act
     blob, final, hlen = serialize(header, sections)
     f.write(blob)
-    specs = [check_entry(e, "header", len(sections)) for e in entries]
+    specs = [check_entry(e, "header", [len(d) for _, d in sections]) for e in entries]
     return _stats(PackStats, final, specs, len(blob), hlen, path)
 
 
@@ -246,17 +247,14 @@ def _open(path: str | os.PathLike) -> _Opened:
     fmt = hfield(header, "format", str, f"{where}: header")
     if fmt != FORMAT_NAME:
         raise FormatError(f"{where}: header.format is {fmt!r}, not {FORMAT_NAME!r}")
-    model = hfield(header, "model", dict, f"{where}: header")
-    if "zoo" in model:
-        hfield(model, "zoo", str, f"{where}: header.model")
-        hfield(model, "args", dict, f"{where}: header.model")
-    elif model.get("user_supplied") is not True or not isinstance(model.get("class"), str):
-        raise FormatError(f"{where}: header.model must name a zoo model or a user-supplied class")
+    check_model(hfield(header, "model", dict, f"{where}: header"), f"{where}: header.model")
     hfield(header, "metadata", dict, f"{where}: header")
     check_edits(header.setdefault("edits", []), f"{where}: header.edits")  # absent in older files
+    check_edit_args(header["edits"], f"{where}: header.edits")
     check_act_quant(header.setdefault("act_quant", []), f"{where}: header.act_quant")
     entries = hfield(header, "tensors", list, f"{where}: header")
-    specs = [check_entry(e, f"{where}: header.tensors[{i}]", len(views)) for i, e in enumerate(entries)]
+    lengths = [len(v) for v in views]
+    specs = [check_entry(e, f"{where}: header.tensors[{i}]", lengths) for i, e in enumerate(entries)]
     names, used = set(), []
     for s in specs:
         if s.name in names:
@@ -266,7 +264,7 @@ def _open(path: str | os.PathLike) -> _Opened:
     if sorted(used) != list(range(len(views))):
         raise FormatError(f"{where}: the tensors' parts do not use every section exactly once")
     total = sum(s.numel for s in specs)
-    limit = min(_format.MAX_TOTAL_ELEMENTS, (1 << 20) + _format.ELEMENTS_PER_BYTE * len(buf))
+    limit = element_limit(len(buf))
     if total > limit:
         raise FormatError(f"{where}: tensors of {total} elements in all exceed the limit of {limit} for this file")
     hlen = len(buf) - PRELUDE.size - int(header["data_bytes"])
@@ -320,7 +318,38 @@ def _zoo_model(spec: dict[str, Any], where: str) -> nn.Module:
     except NetshrinkError:
         raise
     except Exception as exc:  # a zoo constructor rejecting the stored arguments
-        raise ModelError(f"{where}: cannot build zoo model {spec['zoo']!r} with {spec['args']}: {exc}") from None
+        args = json.dumps(spec["args"])
+        raise ModelError(f"{where}: cannot build zoo model {spec['zoo'][:100]!r} with {args[:200]}: {str(exc)[:200]}") from None
+
+
+def _check_fits(model: nn.Module, o: _Opened) -> None:
+    """The model's state tensors are exactly the file's, by name and shape (nothing decoded yet)."""
+    targets = _packable(model)
+    stored = {s.name: s for s in o.specs}
+    missing = [n for n in targets if n not in stored]
+    extra = [n for n in stored if n not in targets]
+    if missing or extra:
+        what = f"model tensor {missing[0]!r} is not in the file" if missing else f"file tensor {extra[0][:80]!r} is not in the model"
+        raise ModelError(f"{o.path}: {what} ({len(missing)} missing, {len(extra)} unexpected)")
+    for name, t in targets.items():
+        if tuple(t.shape) != stored[name].shape:
+            raise ModelError(f"{o.path}: tensor {name!r} has shape {list(stored[name].shape)[:8]} in the file, {list(t.shape)} in the model")
+
+
+def _build(o: _Opened, model: nn.Module | None, guard: BuildGuard, meta: bool) -> nn.Module:
+    """The file's model (from the zoo when ``model`` is None) with its edits and input quantizers, built
+    inside ``guard`` (on the meta device when ``meta``)."""
+    edits_at, act_at = f"{o.path}: header.edits", f"{o.path}: header.act_quant"
+    if model is None:
+        with guard.scope(meta=meta):
+            model = _zoo_model(o.header["model"], o.path)
+            apply_edits(model, o.header["edits"], where=edits_at)
+            apply_act_quant(model, o.header["act_quant"], where=act_at)
+        return model
+    apply_edits(model, o.header["edits"], where=edits_at, guard=guard)  # each edit probed on meta first
+    with guard.scope(meta=False):
+        apply_act_quant(model, o.header["act_quant"], where=act_at)
+    return model
 
 
 def load(path: str | os.PathLike, model: nn.Module | None = None, *, restore: bool = False) -> nn.Module:
@@ -331,25 +360,21 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, restore: bo
     sparse weights (mask = stored positions), ``apply_sharing`` for codebook weights, a
     :class:`~netshrink.quantize.WeightFakeQuant` with the stored scales for int-k affine weights, so the model
     fine-tunes and re-packs exactly as before. The file's ``edits`` (layers replaced by registered module
-    types, :mod:`netshrink._modules`) are replayed on ``model`` first. Names and shapes are checked
+    types, :mod:`netshrink._modules`) are replayed on ``model`` first.
+
+    Nothing is built before the header passed its schema; a zoo model is first built on the meta
+    device within a budget derived from the file (:mod:`netshrink.pack._budget`) and its tensor names
+    and shapes compared with the file's, and only then built for real. Names and shapes are checked
     before anything is decoded.
     """
     o = _open(path)
+    guard = BuildGuard(BuildBudget.for_file(len(o.specs), sum(s.numel for s in o.specs), f"{o.path}: header.model"))
     if model is None:
-        model = _zoo_model(o.header["model"], o.path)
-    limit = min(_format.MAX_TOTAL_ELEMENTS, (1 << 20) + _format.ELEMENTS_PER_BYTE * o.size)
-    apply_edits(model, o.header["edits"], where=f"{o.path}: header.edits", max_elements=limit)  # replaced modules
-    apply_act_quant(model, o.header["act_quant"], where=f"{o.path}: header.act_quant")  # input quantizers
-    targets = _packable(model)
-    stored = {s.name: s for s in o.specs}
-    missing = [n for n in targets if n not in stored]
-    extra = [n for n in stored if n not in targets]
-    if missing or extra:
-        what = f"model tensor {missing[0]!r} is not in the file" if missing else f"file tensor {extra[0]!r} is not in the model"
-        raise ModelError(f"{o.path}: {what} ({len(missing)} missing, {len(extra)} unexpected)")
-    for name, t in targets.items():
-        if tuple(t.shape) != stored[name].shape:
-            raise ModelError(f"{o.path}: tensor {name!r} has shape {list(stored[name].shape)} in the file, {list(t.shape)} in the model")
+        if "zoo" not in o.header["model"]:
+            raise ModelError(f"{o.path} holds a user-supplied model ({o.header['model'].get('class')}); pass model= to load it into")
+        _check_fits(_build(o, None, guard, meta=True), o)
+    model = _build(o, model, guard, meta=False)
+    _check_fits(model, o)
     decoded = _decode_all(o)
     make_permanent(model)
     with torch.no_grad():

@@ -158,8 +158,8 @@ def test_zoo_model_is_rebuilt(tmp_path, monkeypatch):
     calls = []
 
     def build_model(name, **kwargs):
-        calls.append((name, kwargs))
         model = plain_model()
+        calls.append((name, kwargs, model[0].weight.device.type))
         model.netshrink_spec = {"zoo": name, "args": kwargs}
         return model
 
@@ -170,7 +170,8 @@ def test_zoo_model_is_rebuilt(tmp_path, monkeypatch):
     pack(m, path)
     assert read_info(path).model == {"zoo": "tiny", "args": {"width": 4}}
     r = load(path, restore=True)
-    assert calls == [("tiny", {"width": 4})]
+    # first on the meta device (shapes checked against the file), then for real
+    assert calls == [("tiny", {"width": 4}, "meta"), ("tiny", {"width": 4}, "cpu")]
     assert torch.equal(r(X), m(X)) and get_sharing(r[6]) is not None
 
 
