@@ -290,6 +290,10 @@ class Trainer:
         for cb in self.callbacks:
             if not isinstance(cb, Callback):
                 raise TypeError(f"callbacks must be netshrink.train.Callback objects, got {type(cb).__name__}")
+        # a module that must act while it trains (fixed-point rounding) names its callback class: added once
+        for make in dict.fromkeys(getattr(m, "trainer_callback") for m in model.modules() if hasattr(m, "trainer_callback")):
+            if not any(type(cb) is make for cb in self.callbacks):
+                self.callbacks.append(make())
         self.global_step = 0
         self.device: torch.device | None = None
         self.optimizer: torch.optim.Optimizer | None = None

@@ -68,8 +68,7 @@ def _criteria(model_name: str, base, train_subset):
 
     tracked = copy.deepcopy(base)
     tracker = KarninTracker(tracked)
-    with tracker.recording():
-        Trainer(tracked, TrainConfig(epochs=1, lr=0.01, momentum=0.0, batch_size=64, progress=False)).fit(train_subset)
+    Trainer(tracked, TrainConfig(epochs=1, lr=0.01, momentum=0.0, batch_size=64, progress=False), callbacks=[tracker]).fit(train_subset)
 
     # OBD's Hessian diagonal is computed once and serves every sparsity (prune_ with ObdConfig would redo it)
     layers = select_layers(base, None)

@@ -1,12 +1,16 @@
 """Plumbing shared by the data-driven pruning criteria (OBD, OBS, skeletonization, Karnin, Taylor).
 
 - :class:`ScoredConfig` / :class:`DataConfig`: the common config fields (sparsity, scope, layers;
-  batches, batch size, loss, seed) and their validation;
+  batches, batch size, seed) and their validation;
 - turning the ``data`` argument of a handler (a ``Splits``, a Dataset, a DataLoader) into a bounded,
   seeded stream of batches;
 - the leaf tensor that holds a (possibly masked) weight, and scores with masked entries at ``-inf``;
-- applying weight-level or row-level (structured) keep-masks and reporting a :class:`PruneResult`;
-- a context manager that calls back after every step of the optimizers that own given parameters.
+- applying weight-level or row-level (structured) keep-masks and reporting a :class:`PruneResult`.
+
+Batches are read through a :class:`~netshrink.task.Task` (tuples, dicts, token tensors; the model's
+output through its adapter) and the loss is the task's unless a criterion's ``loss`` names one.
+Criteria that act while a model trains (Karnin's tracking, AGP) are :class:`netshrink.train.Callback`
+objects, not optimizer hooks.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from .._layers import per_layer, select_layers
 from ..config import BaseConfig, check_range
 from ..errors import ConfigError, ModelError
+from ..task import DEFAULT_TASK, IGNORE_INDEX, Inputs, Task
 from ._mask import Mask, apply_mask, get_mask, parametrization_of
 from ._select import global_masks, keep_count, layer_masks, topk_mask
 from .magnitude import PruneResult
@@ -76,44 +81,76 @@ def at_least(name: str, value: int, lo: int) -> None:
 # --------------------------------------------------------------------------------------- data
 
 
-def train_source(data: Any, method: str) -> Dataset | DataLoader:
-    """The train split of a ``Splits``, or a Dataset / DataLoader as given; ``ConfigError("data")`` if None."""
+def train_source(data: Any, method: str) -> Any:
+    """The train split of a ``Splits``, or a Dataset / DataLoader / list of batches as given;
+    ``ConfigError("data")`` if None."""
     if data is None:
         raise ConfigError("data", f"method {method!r} scores weights on data: pass data=Splits, Dataset or DataLoader")
     train = getattr(data, "train", None)
     if isinstance(train, (Dataset, DataLoader)):
         return train
-    if isinstance(data, (Dataset, DataLoader)):
+    if isinstance(data, (Dataset, DataLoader, list, tuple)):
         return data
     raise ConfigError("data", f"expected a Splits, Dataset or DataLoader, got {type(data).__name__}")
 
 
 def iter_batches(
-    data: Dataset | DataLoader, batches: int, batch_size: int, seed: int, device: torch.device
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """At most ``batches`` pairs ``(x, y)`` on ``device``: a user's DataLoader as it yields them, a
+    data: Any, batches: int, batch_size: int, seed: int, device: torch.device, task: Task | None = None
+) -> Iterator[tuple[Inputs, Any]]:
+    """At most ``batches`` pairs ``(inputs, target)`` on ``device``, split by ``task`` (tuples, dicts,
+    token tensors; classification when None): a user's DataLoader or list of batches as given, a
     Dataset drawn in a random order seeded by ``seed`` (so the batches are the same on every call)."""
-    if not isinstance(data, DataLoader):
+    task = task or DEFAULT_TASK
+    if isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
         gen = torch.Generator().manual_seed(seed)
         data = DataLoader(data, batch_size=batch_size, sampler=RandomSampler(data, generator=gen))
     for i, batch in enumerate(data):
         if i >= batches:
             break
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise ConfigError("data", f"each batch must be a pair (inputs, targets), got {type(batch).__name__}")
-        yield batch[0].to(device), batch[1].to(device)
+        inputs, target = task.split(batch)
+        yield inputs.to(device), (target.to(device) if isinstance(target, torch.Tensor) else target)
 
 
 #: the per-sample loss a criterion differentiates, averaged over a batch: ``cross_entropy`` (logits and
-#: class indices) or ``mse`` (``ℓ = ½‖f(x) − y‖²``, targets of the output's shape)
+#: class indices over the last axis) or ``mse`` (``ℓ = ½‖f(x) − y‖²``, targets of the output's shape);
+#: None (the default): the task's own loss
 LossName = Literal["cross_entropy", "mse"]
 
 
-def loss_fn(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The batch-mean loss ``mean_n ℓ(f_n, y_n)``: cross-entropy, or ``ℓ = ½‖f − y‖²`` for ``mse``."""
+def _token_ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if out.dim() <= 2:
+        return nn.functional.cross_entropy(out, y)
+    return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def _half_sq(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (out - y.to(out.dtype)).pow(2).reshape(out.shape[0], -1).sum(1).mean()
+
+
+def loss_fn(name: str | None, task: Task | None = None) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    """The batch-mean loss ``mean_n ℓ(f_n, y_n)`` a criterion differentiates: the task's loss (checked to
+    be a scalar) when ``name`` is None; cross-entropy over the last axis (token positions of a
+    language model's ``(B, T, V)`` logits too, ``IGNORE_INDEX`` skipped), or ``ℓ = ½‖f − y‖²`` for ``mse``."""
     if name == "mse":
-        return lambda out, y: 0.5 * (out - y.to(out.dtype)).pow(2).reshape(out.shape[0], -1).sum(1).mean()
-    return nn.functional.cross_entropy
+        return _half_sq
+    if name == "cross_entropy":
+        return _token_ce
+    return (task or DEFAULT_TASK).compute_loss
+
+
+def raw_loss(name: str | None, task: Task | None = None) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    """:func:`loss_fn` without the scalar check (for ``torch.func`` transforms)."""
+    if name is None:
+        return (task or DEFAULT_TASK).loss
+    return loss_fn(name, task)
+
+
+def is_regression(name: str | None, task: Task | None = None) -> bool:
+    """Whether the criterion's loss compares real-valued outputs (``mse``, or a task scored by MSE)
+    rather than class logits (for the sampled Fisher and the linear error of skeletonization)."""
+    if name is not None:
+        return name == "mse"
+    return (task or DEFAULT_TASK).metric_name == "mse"
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -219,31 +256,6 @@ def apply_row_scores(
     return result(layers)
 
 
-# --------------------------------------------------------------------------------- optimizers
-
-
-@contextlib.contextmanager
-def after_optimizer_steps(params: list[torch.Tensor], callback: Callable[[], None]) -> Iterator[None]:
-    """Call ``callback()`` after every ``step()`` of any optimizer that owns one of ``params``.
-
-    Uses torch's global optimizer step post-hook, so it also works with optimizers built inside
-    :class:`netshrink.Trainer`; the hook is removed when the block ends.
-    """
-    ids = {id(p) for p in params}
-
-    def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if any(id(p) in ids for g in optimizer.param_groups for p in g["params"]):
-            callback()
-
-    from torch.optim.optimizer import register_optimizer_step_post_hook
-
-    handle = register_optimizer_step_post_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 __all__ = [
     "ScoredConfig",
     "DataConfig",
@@ -254,5 +266,6 @@ __all__ = [
     "masked",
     "apply_scores",
     "apply_row_scores",
-    "after_optimizer_steps",
+    "is_regression",
+    "raw_loss",
 ]

@@ -9,7 +9,8 @@ from one of (``ObdConfig.hessian``):
   batched; for small layers);
 - ``fisher``: the empirical Fisher ``mean_n (∂ℓ_n/∂w_k)²``, from per-sample gradients;
 - ``gauss_newton``: the same with targets drawn from the model's own predictive distribution (a
-  class from ``softmax(f)``, or ``f + ε`` with ``ε ~ N(0, I)`` for ``mse``) — an unbiased estimate
+  class from ``softmax(f)`` at every position, or ``f + ε`` with ``ε ~ N(0, I)`` for ``mse`` / a
+  regression task) — an unbiased estimate
   of the Gauss–Newton diagonal ``diag(Jᵀ ∇²ℓ J)`` that OBD itself uses (Martens, "New insights and
   perspectives on the natural gradient method", JMLR 2020);
 - ``hutchinson``: ``E_z[z ⊙ Hz]`` with Rademacher ``z`` (Bekas, Kokiopoulou & Saad, "An estimator
@@ -27,7 +28,7 @@ weight ``q`` of least saliency ``w_q² / (2[H⁻¹]_qq)`` is removed and the res
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Literal, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
 import torch
 from torch import nn
@@ -37,6 +38,7 @@ from .._layers import select_layers
 from .._registry import handler, register
 from ..config import check_range
 from ..errors import ConfigError, ModelError
+from ..task import DEFAULT_TASK, IGNORE_INDEX, Inputs, Task, resolve_task
 from . import importance
 from ._mask import apply_mask, get_mask
 from ._select import global_masks, layer_masks
@@ -47,10 +49,12 @@ from ._criteria import (
     at_least,
     device_of,
     eval_mode,
+    is_regression,
     iter_batches,
     leaf,
     loss_fn,
     masked,
+    raw_loss,
     requiring_grad,
     result,
     sparsities,
@@ -126,49 +130,76 @@ def hessian_diagonal_hutchinson(
     return out
 
 
+def _sample(value: Any, i: int) -> Any:
+    return value[i : i + 1] if isinstance(value, torch.Tensor) and value.dim() > 0 else value
+
+
+def _draw_targets(out: torch.Tensor, target: Any, regression: bool, gen: torch.Generator) -> torch.Tensor:
+    """Targets drawn from the model's predictive distribution: ``f + ε``, ``ε ~ N(0, I)`` for a
+    regression; else a class from ``softmax(f)`` over the last axis at every position (positions the
+    true target ignores stay ignored)."""
+    if regression:
+        return out + torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)
+    probs = torch.softmax(out.float().reshape(-1, out.shape[-1]), dim=-1).cpu()
+    drawn = torch.multinomial(probs, 1, generator=gen).reshape(out.shape[:-1]).to(out.device)
+    if isinstance(target, torch.Tensor) and target.shape == drawn.shape:
+        drawn = torch.where(target == IGNORE_INDEX, target, drawn)
+    return drawn
+
+
 def fisher_diagonal(
     model: nn.Module,
     params: dict[str, torch.Tensor],
-    x: torch.Tensor,
-    y: torch.Tensor,
-    loss: LossName = "cross_entropy",
+    x: Inputs | torch.Tensor,
+    y: Any,
+    loss: LossName | None = "cross_entropy",
     sampled: bool = False,
     generator: torch.Generator | None = None,
+    task: Task | None = None,
 ) -> dict[str, torch.Tensor]:
     """``Σ_n (∂ℓ_n/∂p)²`` over the samples of a batch, for the named parameters ``params`` of ``model``
-    (names as in ``model.named_parameters()``); divide by the batch size for the mean.
+    (names as in ``model.named_parameters()``); divide by the batch size for the mean. ``x``: the
+    batch's inputs (a tensor or :class:`~netshrink.task.Inputs`); ``ℓ_n`` the criterion's loss
+    (:func:`~netshrink.prune._criteria.loss_fn`: the task's when ``loss`` is None) of sample ``n``
+    (a whole sequence of a language model).
 
     ``sampled=False``: the empirical Fisher, with the true targets ``y``. ``sampled=True``: targets
-    drawn from the model (a class from ``softmax(f(x))``; ``f(x) + ε``, ``ε ~ N(0, I)`` for ``mse``)
-    with ``generator`` — the true Fisher, whose expectation is the Gauss–Newton diagonal. Per-sample
-    gradients come from ``torch.func`` (``vmap`` of ``grad``); a sample-by-sample loop if that fails.
+    drawn from the model (a class from ``softmax(f(x))``; ``f(x) + ε``, ``ε ~ N(0, I)`` for a
+    regression) with ``generator`` — the true Fisher, whose expectation is the Gauss–Newton diagonal.
+    Per-sample gradients come from ``torch.func`` (``vmap`` of ``grad``); a sample-by-sample loop if
+    that fails.
     """
-    lossf = loss_fn(loss)
+    task = task or DEFAULT_TASK
+    inputs = Inputs.of(x)
+    lossf = loss_fn(loss, task)
+    inner = raw_loss(loss, task)
     if sampled:
         gen = generator if generator is not None else torch.Generator().manual_seed(0)
         with torch.no_grad():
-            out = model(x)
-        if loss == "mse":
-            y = out + torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)
-        else:
-            probs = torch.softmax(out.float(), dim=-1).cpu()
-            y = torch.multinomial(probs, 1, generator=gen).squeeze(1).to(x.device)
+            out = task.forward(model, inputs)
+        y = _draw_targets(out, y, is_regression(loss, task), gen)
     fixed = {n: p.detach() for n, p in model.named_parameters() if n not in params}
     chosen = {n: p.detach() for n, p in params.items()}
 
-    def one(ps: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        out = torch.func.functional_call(model, {**fixed, **ps}, (xi.unsqueeze(0),))
-        return lossf(out, yi.unsqueeze(0))
+    def one(ps: dict[str, torch.Tensor], args: tuple, kwargs: dict, yi: torch.Tensor) -> torch.Tensor:
+        a = tuple(t.unsqueeze(0) for t in args)
+        k = {n: t.unsqueeze(0) for n, t in kwargs.items()}
+        out = task.output(torch.func.functional_call(model, {**fixed, **ps}, a, k))
+        return inner(out, yi.unsqueeze(0))
 
     try:
-        per = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0))(chosen, x, y)
+        if not all(isinstance(t, torch.Tensor) for t in (*inputs.args, *inputs.kwargs.values(), y)):
+            raise ValueError("non-tensor inputs: no vmap")
+        per = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0, 0))(chosen, tuple(inputs.args), dict(inputs.kwargs), y)
         return {n: g.pow(2).sum(0) for n, g in per.items()}
     except (RuntimeError, NotImplementedError, ValueError):  # an op without a batching rule
         sums = {n: torch.zeros_like(p) for n, p in chosen.items()}
         names = list(params)
         with requiring_grad([params[n] for n in names]):
-            for i in range(x.shape[0]):
-                gs = torch.autograd.grad(lossf(model(x[i : i + 1]), y[i : i + 1]), [params[n] for n in names], allow_unused=True)
+            for i in range(inputs.batch_size):
+                xi = Inputs(tuple(_sample(a, i) for a in inputs.args), {k: _sample(v, i) for k, v in inputs.kwargs.items()})
+                li = lossf(task.forward(model, xi), _sample(y, i))
+                gs = torch.autograd.grad(li, [params[n] for n in names], allow_unused=True)
                 for n, g in zip(names, gs):
                     if g is not None:
                         sums[n] += g.detach().pow(2)
@@ -178,33 +209,37 @@ def fisher_diagonal(
 def hessian_diagonal(
     model: nn.Module,
     layers: dict[str, nn.Module],
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    batches: Iterable[tuple[Inputs | torch.Tensor, Any]],
     mode: HessianMode = "fisher",
-    loss: LossName = "cross_entropy",
+    loss: LossName | None = None,
     probes: int = 8,
     seed: int = 0,
+    task: Task | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The Hessian diagonal of the batch-mean loss for the ``weight`` of each layer in ``layers``,
-    averaged over ``batches``, by ``mode`` (see the module docstring). Computed in eval mode; a
-    masked entry gets 0 (the loss does not depend on it)."""
+    """The Hessian diagonal of the batch-mean loss (the task's, classification when None, unless
+    ``loss`` names one) for the ``weight`` of each layer in ``layers``, averaged over ``batches``
+    ``(inputs, target)``, by ``mode`` (see the module docstring). Computed in eval mode; a masked
+    entry gets 0 (the loss does not depend on it)."""
+    task = task or DEFAULT_TASK
     leaves = {n: leaf(m) for n, m in layers.items()}
     by_param = {id(p): pn for pn, p in model.named_parameters()}
     pnames = {n: by_param[id(p)] for n, p in leaves.items()}
     gen = torch.Generator().manual_seed(seed)
-    lossf = loss_fn(loss)
+    lossf = loss_fn(loss, task)
     sums = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in leaves.items()}
     count = 0
     with eval_mode(model), requiring_grad(list(leaves.values())):
         for x, y in batches:
+            x = Inputs.of(x)
             names = list(leaves)
             if mode in ("fisher", "gauss_newton"):
-                sq = fisher_diagonal(model, {pnames[n]: leaves[n] for n in names}, x, y, loss, mode == "gauss_newton", gen)
-                diag = [sq[pnames[n]] / x.shape[0] for n in names]
+                sq = fisher_diagonal(model, {pnames[n]: leaves[n] for n in names}, x, y, loss, mode == "gauss_newton", gen, task)
+                diag = [sq[pnames[n]] / x.batch_size for n in names]
             elif mode == "exact":
                 batched = not any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
-                diag = hessian_diagonal_exact(lossf(model(x), y), [leaves[n] for n in names], batched=batched)
+                diag = hessian_diagonal_exact(lossf(task.forward(model, x), y), [leaves[n] for n in names], batched=batched)
             else:
-                diag = hessian_diagonal_hutchinson(lossf(model(x), y), [leaves[n] for n in names], probes, gen)
+                diag = hessian_diagonal_hutchinson(lossf(task.forward(model, x), y), [leaves[n] for n in names], probes, gen)
             for n, d in zip(names, diag):
                 sums[n] += d.detach().to(torch.float64)
             count += 1
@@ -222,7 +257,7 @@ class ObdConfig(DataConfig):
     """Optimal Brain Damage: remove the weights of least ½ h_kk w_k² (LeCun et al. 1989)."""
 
     hessian: HessianMode = "fisher"
-    loss: LossName = "cross_entropy"
+    loss: LossName | None = None  # None: the task's loss
     probes: int = 8
 
     def validate(self) -> None:
@@ -231,12 +266,14 @@ class ObdConfig(DataConfig):
 
 
 @handler(ObdConfig)
-def obd_prune(model: nn.Module, config: ObdConfig, data=None) -> PruneResult:
-    """Score the chosen layers by OBD saliency on ``config.batches`` batches of ``data`` and mask them."""
+def obd_prune(model: nn.Module, config: ObdConfig, data=None, task: Task | None = None) -> PruneResult:
+    """Score the chosen layers by OBD saliency on ``config.batches`` batches of ``data`` (read through
+    ``task``, whose loss is differentiated; classification when None) and mask them."""
+    task = resolve_task(task)
     source = train_source(data, "obd")
     layers = select_layers(model, config.layers)
-    batches = iter_batches(source, config.batches, config.batch_size, config.seed, device_of(model))
-    h = hessian_diagonal(model, layers, batches, config.hessian, config.loss, config.probes, config.seed)
+    batches = iter_batches(source, config.batches, config.batch_size, config.seed, device_of(model), task)
+    h = hessian_diagonal(model, layers, batches, config.hessian, config.loss, config.probes, config.seed, task)
     scores = {n: masked(importance.obd_saliency(m.weight, h[n]), m) for n, m in layers.items()}
     return apply_scores(layers, scores, config)
 
@@ -398,10 +435,11 @@ def _check_obs_layer(name: str, m: nn.Module) -> None:
 
 @torch.no_grad()
 def layer_hessians(
-    model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[tuple[Inputs | torch.Tensor, Any]]
 ) -> dict[str, torch.Tensor]:
     """``XᵀX/n`` of each layer's inputs ``X`` (a column of ones appended for a layer with a bias),
-    gathered with forward pre-hooks over ``batches`` in eval mode; float64."""
+    gathered with forward pre-hooks over ``batches`` ``(inputs, target)`` in eval mode; float64. Only
+    the inputs are used: the layer-wise objective needs no target, so any task's batches serve."""
     acc: dict[str, torch.Tensor] = {}
     count: dict[str, int] = {}
 
@@ -419,7 +457,7 @@ def layer_hessians(
     try:
         with eval_mode(model):
             for x, _y in batches:
-                model(x)
+                Inputs.of(x).call(model)
     finally:
         for h in handles:
             h.remove()
@@ -431,7 +469,7 @@ def layer_hessians(
 
 @handler(ObsConfig)
 @torch.no_grad()
-def obs_prune_model(model: nn.Module, config: ObsConfig, data=None) -> PruneResult:
+def obs_prune_model(model: nn.Module, config: ObsConfig, data=None, task: Task | None = None) -> PruneResult:
     """Layer-wise OBS on the chosen layers. How many weights each row loses comes from the one-shot
     OBS saliency of the whole layer (or of all layers, for ``scope: global``); which ones, and the
     compensation of the others, from :func:`obs_prune`. The compensated weights (and biases) are
@@ -440,7 +478,8 @@ def obs_prune_model(model: nn.Module, config: ObsConfig, data=None) -> PruneResu
     layers = select_layers(model, config.layers)
     for n, m in layers.items():
         _check_obs_layer(n, m)
-    hessians = layer_hessians(model, layers, iter_batches(source, config.batches, config.batch_size, config.seed, device_of(model)))
+    batches = iter_batches(source, config.batches, config.batch_size, config.seed, device_of(model), resolve_task(task))
+    hessians = layer_hessians(model, layers, batches)
     mats, keeps, scores = {}, {}, {}
     for n, m in layers.items():
         h = hessians[n]

@@ -34,17 +34,19 @@ from .._layers import select_layers
 from .._registry import handler, register
 from ..config import check_range
 from ..errors import ConfigError
+from ..task import DEFAULT_TASK, IGNORE_INDEX, Inputs, Task, resolve_task
+from ..train import Callback
 from . import importance
 from ._criteria import (
     DataConfig,
     LossName,
     ScoredConfig,
-    after_optimizer_steps,
     apply_row_scores,
     apply_scores,
     at_least,
     device_of,
     eval_mode,
+    is_regression,
     iter_batches,
     leaf,
     loss_fn,
@@ -57,13 +59,18 @@ from .magnitude import PruneResult
 # ------------------------------------------------------------------------------ skeletonization
 
 
-def l1_error(out: torch.Tensor, y: torch.Tensor, loss: LossName = "cross_entropy") -> torch.Tensor:
-    """The linear error of Mozer & Smolensky, ``E = mean_n Σ_k |t_nk − o_nk|``: targets one-hot and
-    outputs ``softmax(f)`` for ``cross_entropy``, targets and outputs as given for ``mse``."""
-    if loss == "mse":
+def l1_error(out: torch.Tensor, y: torch.Tensor, loss: LossName | None = "cross_entropy", task: Task | None = None) -> torch.Tensor:
+    """The linear error of Mozer & Smolensky, ``E = mean_n Σ_k |t_nk − o_nk|``: for class logits
+    (``cross_entropy``, or a task not scored by MSE) targets one-hot and outputs ``softmax(f)`` over
+    the last axis, averaged over every scored position (a language model's ``(B, T, V)`` logits: each
+    token, ``IGNORE_INDEX`` skipped); for ``mse`` (or a regression task) targets and outputs as given."""
+    if is_regression(loss, task):
         return (y.to(out.dtype) - out).abs().reshape(out.shape[0], -1).sum(1).mean()
-    t = F.one_hot(y, out.shape[-1]).to(out.dtype)
-    return (t - torch.softmax(out, dim=-1)).abs().sum(-1).mean()
+    logits, t = out.reshape(-1, out.shape[-1]), y.reshape(-1)
+    keep = t != IGNORE_INDEX
+    logits, t = logits[keep], t[keep]
+    onehot = F.one_hot(t, logits.shape[-1]).to(logits.dtype)
+    return (onehot - torch.softmax(logits, dim=-1)).abs().sum(-1).mean()
 
 
 @contextlib.contextmanager
@@ -94,18 +101,22 @@ def unit_gates(layers: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]
 def skeleton_relevance(
     model: nn.Module,
     layers: dict[str, nn.Module],
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    loss: LossName = "cross_entropy",
+    batches: Iterable[tuple[Inputs | torch.Tensor, Any]],
+    loss: LossName | None = None,
     decay: float = 0.8,
+    task: Task | None = None,
 ) -> dict[str, torch.Tensor]:
     """Relevance ``ρ̂_i`` of every output unit of ``layers``: ``ρ = −∂E/∂α_i`` at ``α = 1`` for the
-    linear error ``E`` (:func:`l1_error`) of each batch, smoothed ``ρ̂ ← decay·ρ̂ + (1 − decay)·ρ``
-    (the first batch initialises ``ρ̂``). A unit whose output reaches nothing gets exactly 0."""
+    linear error ``E`` (:func:`l1_error`) of each batch ``(inputs, target)``, smoothed
+    ``ρ̂ ← decay·ρ̂ + (1 − decay)·ρ`` (the first batch initialises ``ρ̂``). A unit whose output
+    reaches nothing gets exactly 0. ``task`` reads the model's output (classification when None)."""
+    task = task or DEFAULT_TASK
     rel: dict[str, torch.Tensor] = {}
     with eval_mode(model), unit_gates(layers) as gates:
         for x, y in batches:
             names = list(gates)
-            grads = torch.autograd.grad(l1_error(model(x), y, loss), [gates[n] for n in names], allow_unused=True)
+            out = task.forward(model, Inputs.of(x))
+            grads = torch.autograd.grad(l1_error(out, y, loss, task), [gates[n] for n in names], allow_unused=True)
             for n, g in zip(names, grads):
                 r = -g.detach() if g is not None else torch.zeros_like(gates[n])
                 rel[n] = r if n not in rel else decay * rel[n] + (1.0 - decay) * r
@@ -117,9 +128,12 @@ def skeleton_relevance(
 @register("skeletonization", family="prune")
 @dataclass
 class SkeletonizationConfig(DataConfig):
-    """Skeletonization: remove the output units of least relevance −∂E/∂α (Mozer & Smolensky 1988)."""
+    """Skeletonization: remove the output units of least relevance −∂E/∂α (Mozer & Smolensky 1988).
 
-    loss: LossName = "cross_entropy"
+    ``loss``: None (the task's outputs: class logits, or real values for a regression task),
+    ``cross_entropy`` or ``mse``: which linear error :func:`l1_error` measures."""
+
+    loss: LossName | None = None
     decay: float = 0.8
     prune_bias: bool = True
 
@@ -129,26 +143,27 @@ class SkeletonizationConfig(DataConfig):
 
 
 @handler(SkeletonizationConfig)
-def skeletonization_prune(model: nn.Module, config: SkeletonizationConfig, data=None) -> PruneResult:
+def skeletonization_prune(model: nn.Module, config: SkeletonizationConfig, data=None, task: Task | None = None) -> PruneResult:
     """Remove whole units (weight rows, and bias entries with ``prune_bias``): ``sparsity`` is the
     fraction of units of each layer (or of all layers, ``scope: global``) removed."""
+    task = resolve_task(task)
     source = train_source(data, "skeletonization")
     layers = select_layers(model, config.layers)
-    batches = iter_batches(source, config.batches, config.batch_size, config.seed, device_of(model))
-    rel = skeleton_relevance(model, layers, batches, config.loss, config.decay)
+    batches = iter_batches(source, config.batches, config.batch_size, config.seed, device_of(model), task)
+    rel = skeleton_relevance(model, layers, batches, config.loss, config.decay, task)
     return apply_row_scores(layers, rel, config, config.prune_bias)
 
 
 # --------------------------------------------------------------------------------------- Karnin
 
 
-class KarninTracker:
+class KarninTracker(Callback):
     """Accumulates Karnin's sensitivity of the ``weight`` of ``layers`` of ``model`` during training.
 
     Create it before training (it records ``w_i``), then either call :meth:`step` after every
-    ``optimizer.step()`` of your own loop, or wrap a :class:`netshrink.Trainer` run in
-    :meth:`recording`, which calls :meth:`step` after each step of the optimizer that owns these
-    weights. Each step adds ``Δw²`` and ``g·Δw`` (``g`` the gradient the step used) per weight.
+    ``optimizer.step()`` of your own loop, or pass it to the Trainer as a callback
+    (``Trainer(model, cfg, callbacks=[tracker])``): it records each step at ``on_step_end``. Each step
+    adds ``Δw²`` and ``g·Δw`` (``g`` the gradient the step used) per weight.
     """
 
     def __init__(self, model: nn.Module, layers: list[str] | None = None):
@@ -177,11 +192,9 @@ class KarninTracker:
         self.steps += 1
         self.grad_steps += int(with_grad)
 
-    @contextlib.contextmanager
-    def recording(self) -> Iterator["KarninTracker"]:
-        """Inside the block, :meth:`step` runs after each step of any optimizer owning the weights."""
-        with after_optimizer_steps([leaf(m) for m in self.layers.values()], self.step):
-            yield self
+    def on_step_end(self, trainer: Any, step: int) -> None:
+        """Trainer callback: record the step the optimizer just took."""
+        self.step()
 
     def sensitivities(self, lr: float | None = None) -> dict[str, torch.Tensor]:
         """Karnin's ``S`` per weight, from the current weights as ``w_f``. With ``lr`` (plain SGD of
@@ -222,7 +235,7 @@ class KarninConfig(ScoredConfig):
 
 
 @handler(KarninConfig)
-def karnin_prune(model: nn.Module, config: KarninConfig, data: Any = None) -> PruneResult:
+def karnin_prune(model: nn.Module, config: KarninConfig, data: Any = None, task: Task | None = None) -> PruneResult:
     """Mask the chosen layers by Karnin sensitivity, from a tracker or from a short tracked SGD run."""
     layers = select_layers(model, config.layers)
     if isinstance(data, KarninTracker):
@@ -241,8 +254,7 @@ def karnin_prune(model: nn.Module, config: KarninConfig, data: Any = None) -> Pr
             epochs=config.epochs, lr=config.lr, momentum=0.0, batch_size=config.batch_size, seed=config.seed,
             progress=False, device=device,
         )
-        with tracker.recording():
-            Trainer(model, train).fit(source)
+        Trainer(model, train, task=task, callbacks=[tracker]).fit(source)
         sens = tracker.sensitivities(lr=config.lr)
     scores = {n: masked(sens[n], m) for n, m in layers.items()}
     return apply_scores(layers, scores, config)
@@ -254,14 +266,16 @@ def karnin_prune(model: nn.Module, config: KarninConfig, data: Any = None) -> Pr
 def taylor_scores(
     model: nn.Module,
     layers: dict[str, nn.Module],
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    batches: Iterable[tuple[Inputs | torch.Tensor, Any]],
     granularity: Literal["weight", "channel"] = "weight",
-    loss: LossName = "cross_entropy",
+    loss: LossName | None = None,
+    task: Task | None = None,
 ) -> dict[str, torch.Tensor]:
-    """First-order Taylor importance averaged over ``batches`` (gradients of each batch's mean loss):
-    per weight ``(g w)²`` (weight-shaped), or per output unit ``(Σ g w)²`` over its weights and bias
-    (one score per row)."""
-    lossf = loss_fn(loss)
+    """First-order Taylor importance averaged over ``batches`` (gradients of each batch's mean loss:
+    the task's, classification when None, unless ``loss`` names one): per weight ``(g w)²``
+    (weight-shaped), or per output unit ``(Σ g w)²`` over its weights and bias (one score per row)."""
+    task = task or DEFAULT_TASK
+    lossf = loss_fn(loss, task)
     tensors: list[torch.Tensor] = []
     for m in layers.values():
         tensors.append(leaf(m))
@@ -271,7 +285,7 @@ def taylor_scores(
     count = 0
     with eval_mode(model), requiring_grad(tensors):
         for x, y in batches:
-            grads = iter(torch.autograd.grad(lossf(model(x), y), tensors, allow_unused=True))
+            grads = iter(torch.autograd.grad(lossf(task.forward(model, Inputs.of(x)), y), tensors, allow_unused=True))
             for n, m in layers.items():
                 gw = next(grads)
                 gw = torch.zeros_like(m.weight) if gw is None else gw
@@ -294,18 +308,20 @@ class TaylorConfig(DataConfig):
     """First-order Taylor: remove weights of least (g·w)², or units of least (Σ g·w)² (Molchanov et al. 2017, 2019)."""
 
     granularity: Literal["weight", "channel"] = "weight"
-    loss: LossName = "cross_entropy"
+    loss: LossName | None = None  # None: the task's loss
     prune_bias: bool = True
 
 
 @handler(TaylorConfig)
-def taylor_prune(model: nn.Module, config: TaylorConfig, data=None) -> PruneResult:
+def taylor_prune(model: nn.Module, config: TaylorConfig, data=None, task: Task | None = None) -> PruneResult:
     """Weight granularity: mask single weights. Channel granularity: remove whole output units
-    (``sparsity`` = fraction of units), with their bias entries when ``prune_bias``."""
+    (``sparsity`` = fraction of units), with their bias entries when ``prune_bias``. Scored on
+    ``task``'s batches and loss (classification when None)."""
+    task = resolve_task(task)
     source = train_source(data, "taylor")
     layers = select_layers(model, config.layers)
-    batches = iter_batches(source, config.batches, config.batch_size, config.seed, device_of(model))
-    scores = taylor_scores(model, layers, batches, config.granularity, config.loss)
+    batches = iter_batches(source, config.batches, config.batch_size, config.seed, device_of(model), task)
+    scores = taylor_scores(model, layers, batches, config.granularity, config.loss, task)
     if config.granularity == "channel":
         return apply_row_scores(layers, scores, config, config.prune_bias)
     return apply_scores(layers, {n: masked(s, layers[n]) for n, s in scores.items()}, config)

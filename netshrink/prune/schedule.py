@@ -12,15 +12,15 @@ Between pruning steps the sparsity holds; before ``t₀`` it is ``s_i``, after `
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from typing import Any, Iterator
+from typing import Any
 
 from torch import nn
 
 from ..config import BaseConfig
 from ..errors import ConfigError
-from ._criteria import after_optimizer_steps
+from ..task import Task
+from ..train import Callback
 
 
 def _check_schedule(final: float, initial: float, begin: int, steps: int, frequency: int) -> None:
@@ -54,17 +54,19 @@ def is_pruning_step(t: int, begin: int = 0, steps: int = 10, frequency: int = 1)
     return t >= begin and (t - begin) % frequency == 0 and (t - begin) // frequency <= steps
 
 
-class GradualPruner:
+class GradualPruner(Callback):
     """Prunes ``model`` along the AGP schedule with the criterion that ``config`` names.
 
     ``config`` is any registered pruning config with a ``sparsity`` (and optionally
     ``layer_sparsity``) field: its values are the final targets ``s_f``; each layer's target follows
     its own AGP curve. Masks accumulate (pruned weights stay pruned and count toward the target), so
-    every call of :func:`netshrink.prune.prune_` only tops the sparsity up. ``data`` is passed on
-    to data-driven criteria.
+    every call of :func:`netshrink.prune.prune_` only tops the sparsity up. ``data`` (and ``task``:
+    how its batches are read and the loss; classification when None) is passed on to data-driven
+    criteria.
 
-    Call :meth:`step` after every optimizer step of your loop, or wrap a
-    :class:`netshrink.Trainer` run in :meth:`attached`. Step counting starts at 0.
+    Call :meth:`step` after every optimizer step of your loop, or pass the pruner to the Trainer as a
+    callback (``Trainer(model, cfg, callbacks=[pruner])``): it steps at ``on_step_end``. Step counting
+    starts at 0.
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class GradualPruner:
         steps: int = 10,
         frequency: int = 1,
         data: Any = None,
+        task: Task | str | None = None,
     ):
         if not hasattr(config, "sparsity") or not dataclasses.is_dataclass(config):
             raise ConfigError("method", f"{type(config).__name__} has no sparsity target for a gradual schedule")
@@ -96,6 +99,7 @@ class GradualPruner:
         self.config = config
         self.initial, self.begin, self.steps, self.frequency = float(initial), begin, steps, frequency
         self.data = data
+        self.task = task
         self.t = 0
         self.history: list[tuple[int, Any]] = []
 
@@ -121,7 +125,8 @@ class GradualPruner:
     def step(self) -> Any:
         """Advance one training step; at a pruning step prune to the scheduled sparsity and return the
         criterion's result (else None). A target of 0 everywhere is skipped."""
-        from . import prune_
+        from .._registry import HandlerContext, handler_for, run_handler
+        from ..task import resolve_task
 
         t = self.t
         self.t += 1
@@ -131,15 +136,14 @@ class GradualPruner:
         targets = [cfg.sparsity or 0.0, *getattr(cfg, "layer_sparsity", {}).values()]
         if max(targets) <= 0.0:
             return None
-        res = prune_(self.model, cfg, data=self.data)
+        handler_for(cfg, family="prune")  # a pruning method, or one clear error
+        res = run_handler(self.model, cfg, HandlerContext(data=self.data, task=resolve_task(self.task)))
         self.history.append((t, res))
         return res
 
-    @contextlib.contextmanager
-    def attached(self) -> Iterator["GradualPruner"]:
-        """Inside the block, :meth:`step` runs after every step of any optimizer owning the model's parameters."""
-        with after_optimizer_steps(list(self.model.parameters()), self.step):
-            yield self
+    def on_step_end(self, trainer: Any, step: int) -> None:
+        """Trainer callback: one training step done (prunes at the schedule's pruning steps)."""
+        self.step()
 
 
 __all__ = ["agp_sparsity", "is_pruning_step", "GradualPruner"]

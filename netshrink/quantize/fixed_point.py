@@ -15,14 +15,16 @@ computed in float and the result rounded back, ``w <- Convert(w - lr g)``. With 
 update smaller than ``eps / 2`` is lost; stochastic rounding keeps it in expectation, which is why
 it trains at 16 bits (⟨4, 12⟩) where round-to-nearest fails.
 
-:class:`FixedPointWeights` is a parametrization that applies that rounding lazily: in training mode
-each forward pass first converts the stored tensor (``original``) in place -- so after an optimizer
-step the next forward pass sees ``Convert(w - lr g)``, under the unmodified :class:`~netshrink.train.Trainer`
--- and stochastic rounding then draws from torch's global generator, which the Trainer seeds and
-checkpoints. :func:`fixed_point_step_` does the same conversion explicitly, with a generator, for a
-hand-written loop (call it after ``optimizer.step()``). Where a pruning mask comes first on the weight
-the stored tensor is not reachable from the forward pass; the forward pass then rounds to nearest
-(straight-through gradient) and only :func:`fixed_point_step_` converts the stored weights.
+:class:`FixedPointWeights` is a parametrization that keeps the stored tensor (``original``) on the
+grid; the conversion after each optimizer step, ``w <- Convert(w - lr g)``, is a Trainer callback,
+:class:`FixedPointRounding` (``on_step_end``; stochastic rounding draws from torch's global generator,
+which the Trainer seeds and checkpoints). The Trainer adds it by itself to any model holding a
+:class:`FixedPointWeights` (its ``trainer_callback``), so ``Trainer(model, cfg).fit(...)`` trains in
+fixed point with nothing more to pass. :func:`fixed_point_step_` does the same conversion explicitly,
+with a generator, for a hand-written loop (call it after ``optimizer.step()``). The forward pass never
+changes a stored tensor: an on-grid weight is used as it is (the gradient reaches it unchanged); one off
+the grid (a step not yet converted, or a pruning mask in front of it) is read rounded to nearest with a
+straight-through gradient.
 
 Activations and gradients (Gupta et al. §3-4 round every result of the training loop, weights, layer
 outputs and back-propagated errors, to ⟨IL, FL⟩, while the dot products accumulate in higher precision):
@@ -55,6 +57,7 @@ from torch.nn.utils import parametrize
 from .._registry import handler, register
 from ..config import BaseConfig
 from ..errors import ConfigError, ModelError
+from ..train import Callback
 from ._common import (
     WeightQuantizer,
     add_weight_quantizer,
@@ -191,9 +194,34 @@ def remove_fixed_point_act(model: nn.Module) -> int:
     return n
 
 
+class FixedPointRounding(Callback):
+    """Trainer callback of fixed-point training (Gupta et al. 2015, §4): after every optimizer step,
+    each fixed-point tensor's stored value becomes ``Convert(w − lr g)`` (:func:`fixed_point_step_`);
+    at the start of a fit, too (a no-op on weights already on the grid). ``rounding``: None for each
+    tensor's own; ``generator``: of stochastic rounding (None: torch's global generator, which the
+    Trainer seeds). The Trainer adds one by itself to a model with :class:`FixedPointWeights`."""
+
+    def __init__(self, rounding: Rounding | None = None, generator: torch.Generator | None = None):
+        self.rounding = rounding
+        self.generator = generator
+        self.changed = 0
+
+    def _convert(self, model: nn.Module) -> None:
+        self.changed += fixed_point_step_(model, rounding=self.rounding, generator=self.generator)
+
+    def on_fit_start(self, trainer: Any) -> None:
+        self._convert(trainer.model)
+
+    def on_step_end(self, trainer: Any, step: int) -> None:
+        self._convert(trainer.model)
+
+
 class FixedPointWeights(WeightQuantizer):
     """Parametrization keeping a weight in ⟨il, fl⟩ (see the module docstring for the training rule);
     with ``grad`` (a :class:`FixedPointFormat`), the weight's gradient is converted to it as well."""
+
+    #: the callback a Trainer adds for a model holding this parametrization
+    trainer_callback = FixedPointRounding
 
     def __init__(self, il: int, fl: int, rounding: Rounding = "stochastic", grad: FixedPointFormat | None = None):
         super().__init__()
@@ -219,13 +247,9 @@ class FixedPointWeights(WeightQuantizer):
         return self._forward(w)
 
     def _forward(self, w: torch.Tensor) -> torch.Tensor:
-        if isinstance(w, nn.Parameter):  # first on the weight: the stored tensor itself
-            if self.training:
-                self.convert_(w)
-                return w
-            if torch.equal(self.convert(w, "nearest"), w):
-                return w
         snapped = self.convert(w, "nearest")
+        if isinstance(w, nn.Parameter) and torch.equal(snapped, w):  # the stored tensor, on the grid
+            return w
         return snapped + (w - w.detach())
 
     def extra_repr(self) -> str:
@@ -345,11 +369,15 @@ def fixed_point_quantize(model: nn.Module, config: FixedPointConfig, data=None) 
 
 
 @torch.no_grad()
-def fixed_point_step_(model: nn.Module, config: FixedPointConfig | None = None, generator: torch.Generator | None = None) -> int:
+def fixed_point_step_(model: nn.Module, config: FixedPointConfig | None = None, generator: torch.Generator | None = None,
+                      rounding: Rounding | None = None) -> int:
     """Convert every fixed-point tensor's stored value in place (call after ``optimizer.step()``).
 
-    Rounding: ``config.rounding`` when a config is given, else each tensor's own; ``generator`` drives
-    stochastic rounding (None: torch's global generator). Returns how many tensors changed."""
+    Rounding: ``rounding``, else ``config.rounding`` when a config is given, else each tensor's own;
+    ``generator`` drives stochastic rounding (None: torch's global generator). Returns how many
+    tensors changed."""
+    if rounding is None and config is not None:
+        rounding = config.rounding
     changed = 0
     for module in model.modules():
         if not parametrize.is_parametrized(module):
@@ -357,7 +385,7 @@ def fixed_point_step_(model: nn.Module, config: FixedPointConfig | None = None, 
         for plist in module.parametrizations.values():
             q = next((p for p in plist if isinstance(p, FixedPointWeights)), None)
             if q is not None:
-                changed += q.convert_(plist.original, config.rounding if config is not None else None, generator)
+                changed += q.convert_(plist.original, rounding, generator)
     return changed
 
 
@@ -369,6 +397,7 @@ __all__ = [
     "FixedPointConfig",
     "FixedPointFormat",
     "FixedPointResult",
+    "FixedPointRounding",
     "FixedPointWeights",
     "check_format",
     "fixed_point_quantize",

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -146,8 +148,7 @@ def test_karnin_records_trainer_steps_and_runs_its_own_fine_tune():
     torch.manual_seed(0)
     model = build_model("mlp", in_features=64, hidden=[16])
     tracker = KarninTracker(model, ["fc1"])
-    with tracker.recording():
-        Trainer(model, TrainConfig(epochs=1, lr=0.05, batch_size=128, progress=False, device="cpu")).fit(splits.train)
+    Trainer(model, TrainConfig(epochs=1, lr=0.05, batch_size=128, progress=False, device="cpu"), callbacks=[tracker]).fit(splits.train)
     assert tracker.steps == -(-len(splits.train) // 128) and tracker.grad_steps == tracker.steps
     sens = tracker.sensitivities()["fc1"]
     assert sens.shape == (16, 64) and torch.isfinite(sens).all()
@@ -185,3 +186,28 @@ def test_data_driven_criteria_need_data(cfg):
     with pytest.raises(ConfigError) as ei:
         prune_(_mlp(), cfg)
     assert ei.value.field == "data"
+
+
+def test_karnin_as_a_trainer_callback_equals_a_hand_loop_that_steps_the_tracker():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 6, generator=g), torch.randint(0, 3, (96,), generator=g)
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=False)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    twin = copy.deepcopy(model)
+    tracker = KarninTracker(model)
+    Trainer(model, TrainConfig(epochs=2, lr=0.1, momentum=0.0, progress=False, device="cpu"), callbacks=[tracker]).fit(loader)
+    hand = KarninTracker(twin)
+    opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.0)
+    for _ in range(2):
+        for xb, yb in loader:
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(twin(xb), yb).backward()
+            opt.step()
+            hand.step()
+    assert tracker.steps == hand.steps == 6 and tracker.grad_steps == 6
+    for n in ("0", "2"):
+        torch.testing.assert_close(tracker.sensitivities()[n], hand.sensitivities()[n], rtol=0, atol=0)
+        torch.testing.assert_close(tracker.sensitivities(lr=0.1)[n], hand.sensitivities(lr=0.1)[n], rtol=0, atol=0)

@@ -56,8 +56,7 @@ def test_gradual_pruner_attached_to_the_trainer_with_a_data_driven_criterion():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 4))
     pruner = GradualPruner(net, TaylorConfig(sparsity=0.6, batches=1, batch_size=32), initial=0.2, steps=3, frequency=2, data=data)
-    with pruner.attached():
-        Trainer(net, TrainConfig(epochs=2, batch_size=8, lr=0.01, progress=False, device="cpu")).fit(data)
+    Trainer(net, TrainConfig(epochs=2, batch_size=8, lr=0.01, progress=False, device="cpu"), callbacks=[pruner]).fit(data)
     assert [t for t, _ in pruner.history] == [0, 2, 4, 6]
     assert (net[0].weight == 0).float().mean() == pytest.approx(0.6)
     assert (~get_mask(net[2])).float().mean() == pytest.approx(0.6, abs=1 / 80)
@@ -93,3 +92,31 @@ def test_schedule_needs_sparsity_targets():
     with pytest.raises(ConfigError) as ei:
         agp_sparsity(0, final=1.0)
     assert ei.value.field == "sparsity"
+
+
+def test_agp_as_a_trainer_callback_equals_a_hand_loop_that_steps_the_pruner():
+    import copy
+
+    from torch.utils.data import DataLoader
+
+    g = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(64, 12, generator=g), torch.randint(0, 4, (64,), generator=g))
+    loader = DataLoader(data, batch_size=8, shuffle=False)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 4))
+    twin = copy.deepcopy(net)
+    cfg = MagnitudeConfig(sparsity=0.7)
+    pruner = GradualPruner(net, cfg, steps=4, frequency=3)
+    Trainer(net, TrainConfig(epochs=2, lr=0.05, momentum=0.0, progress=False, device="cpu"), callbacks=[pruner]).fit(loader)
+    hand = GradualPruner(twin, cfg, steps=4, frequency=3)
+    opt = torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.0)
+    for _ in range(2):
+        for xb, yb in loader:
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(twin(xb), yb).backward()
+            opt.step()
+            hand.step()
+    assert [t for t, _ in pruner.history] == [t for t, _ in hand.history] == [3, 6, 9, 12]
+    for (k, a), b in zip(net.state_dict().items(), twin.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert float((net[0].weight == 0).float().mean()) == pytest.approx(0.7, abs=1 / 240)

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -77,7 +79,7 @@ def test_trainer_keeps_stored_weights_in_fixed_point():
     hist = ns.Trainer(net, ns.TrainConfig(epochs=4, lr=0.1, batch_size=32, progress=False)).fit(TensorDataset(x, y)).history
     assert hist[-1].train_loss < hist[0].train_loss
     net.train()
-    net(x[:1])  # the last optimizer step is converted at the next training forward pass
+    net(x[:1])  # the Trainer's FixedPointRounding converted the last step; a forward pass writes nothing
     for layer in (net[0], net[2]):
         for t in ("weight", "bias"):
             stored = layer.parametrizations[t].original.detach()
@@ -102,3 +104,46 @@ def test_bad_format_names_the_field(args, field):
     with pytest.raises(ConfigError) as ei:
         FixedPointConfig.from_dict(args)
     assert ei.value.field == field
+
+
+def _hand_loop_twin(net, loader, lr, epochs, seed):
+    """What the Trainer does with plain SGD on a fixed-order loader, with the explicit conversion."""
+    torch.manual_seed(seed)
+    fixed_point_step_(net)  # FixedPointRounding.on_fit_start
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.0)
+    net.train()
+    for _ in range(epochs):
+        for x, y in loader:
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+            fixed_point_step_(net)
+
+
+def test_the_trainer_adds_the_rounding_callback_and_matches_a_hand_loop_bit_for_bit():
+    from torch.utils.data import DataLoader
+
+    from netshrink.quantize.fixed_point import FixedPointRounding
+
+    torch.manual_seed(0)
+    x = torch.randn(96, 8)
+    y = (x[:, 0] > 0).long()
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=False)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    quantize_(net, FixedPointConfig(il=3, fl=8, rounding="stochastic"))
+    twin = copy.deepcopy(net)
+    trainer = ns.Trainer(net, ns.TrainConfig(epochs=2, lr=0.1, momentum=0.0, progress=False, device="cpu", seed=3))
+    assert sum(isinstance(cb, FixedPointRounding) for cb in trainer.callbacks) == 1
+    trainer.fit(loader)
+    _hand_loop_twin(twin, loader, 0.1, 2, 3)
+    for (k, a), b in zip(net.state_dict().items(), twin.state_dict().values()):
+        assert torch.equal(a, b), k
+    stored = net[0].parametrizations.weight.original.detach()
+    assert _on_grid(stored, 8)  # converted after the last step, with no forward pass needed
+    # the forward pass never writes the stored tensor: an off-grid value is read rounded, left as it is
+    with torch.no_grad():
+        stored_param = net[0].parametrizations.weight.original
+        stored_param.add_(2.0**-10)
+    net.train()
+    net(x[:4])
+    assert not _on_grid(stored_param.detach(), 8) and _on_grid(net[0].weight.detach(), 8)

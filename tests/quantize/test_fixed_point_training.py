@@ -106,7 +106,7 @@ def test_digits_trains_with_weights_outputs_and_gradients_in_16_bit_fixed_point(
     assert hist[-1].train_loss < 0.2 * hist[0].train_loss
     assert ns.error_rate(model, splits.test) < 0.08  # float, trained the same way: 5.2%
     model.train()
-    model(splits.train.tensors[0][:1])  # converts the last optimizer step
+    model(splits.train.tensors[0][:1])  # the last step was converted by the Trainer's FixedPointRounding
     assert _on_grid(model.fc1.parametrizations.weight.original.detach(), 12)
     # a deep copy keeps the output quantizers, each run by the copy's own hook
     twin = copy.deepcopy(model).eval()
