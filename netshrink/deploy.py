@@ -134,6 +134,40 @@ def ort_runner(session: Any) -> Callable[[Inputs], np.ndarray]:
     return _runner_ort(session)
 
 
+#: the runtimes a latency budget can be measured in
+RUNTIMES = ("torch", "onnxruntime")
+
+
+def measured_latency(
+    model: nn.Module, example: Any, batch: int, runtime: str = "onnxruntime", *, runs: int = 20, warmup: int = 3,
+    threads: int | None = None, task: Task | str | None = None,
+) -> float:
+    """Median ms of ``runs`` calls of ``model`` at batch ``batch`` in its deployed ``runtime`` form:
+    ``torch`` (eager) or ``onnxruntime`` (fp32 ONNX of the model as it is, all graph optimizations) —
+    what a latency budget (``auto_channel``) is measured in."""
+    import tempfile
+
+    if runtime not in RUNTIMES:
+        raise ConfigError("latency_runtime", f"unknown runtime {runtime!r} (known: {', '.join(RUNTIMES)})")
+    ex = Inputs.of(example).take(1)
+    previous = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        if runtime == "torch":
+            run = torch_runner(_plain(model), task)
+        else:
+            from .export import export_onnx, ort_session
+
+            with tempfile.TemporaryDirectory(prefix="netshrink-latency-") as tmp:
+                path = Path(tmp) / "model.onnx"
+                export_onnx(model, path, ex, task=resolve_task(task))
+                run = _runner_ort(ort_session(path, threads=threads or torch.get_num_threads()))
+        return time_forms({"m": run}, ex, (batch,), runs=runs, rounds=1, warmup=warmup)["m"][batch]
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _plain(model: nn.Module) -> nn.Module:
     from .export import _plain_copy
 
@@ -351,4 +385,4 @@ def profile_onnx(path: str | os.PathLike[str], example: Any, *, runs: int = 20, 
     return dict(sorted(((k, v / total) for k, v in per_op.items()), key=lambda kv: -kv[1]))
 
 
-__all__ = ["DeployResult", "FORMS", "FormResult", "deploy", "ort_runner", "profile_onnx", "time_forms", "torch_runner"]
+__all__ = ["DeployResult", "FORMS", "FormResult", "RUNTIMES", "deploy", "measured_latency", "ort_runner", "profile_onnx", "time_forms", "torch_runner"]

@@ -43,7 +43,9 @@ class AutoChannelConfig(BaseConfig):
 
     ``reduction``: the fraction of the dense model's ``budget`` (``params``, ``macs``, or ``latency``
     measured at batch ``latency_batch``) to remove. ``grid``: the channel ratios tried per group.
-    ``criterion``: channel scores (``l1``, ``bn_scale``, ``taylor``). ``samples``: validation examples
+    ``latency_runtime``: where a latency budget is measured — ``torch`` (eager) or ``onnxruntime`` (the
+    deployed fp32 ONNX form, :func:`netshrink.deploy.measured_latency`), so the budget is met in the form
+    that ships. ``criterion``: channel scores (``l1``, ``bn_scale``, ``taylor``). ``samples``: validation examples
     behind each loss. ``layers``: the producing layers whose groups may be pruned (default: all).
     """
 
@@ -53,6 +55,7 @@ class AutoChannelConfig(BaseConfig):
     grid: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
     samples: int = 1000
     latency_batch: int = 1
+    latency_runtime: Literal["torch", "onnxruntime"] = "torch"
     layers: list[str] | None = None
     resolution: int = 100_000
     input_shape: list[int] | None = None
@@ -87,11 +90,15 @@ class AutoChannelResult(ChannelResult):
     predicted_loss_rise: float = 0.0
 
 
-def _cost(model: nn.Module, example: torch.Tensor, budget: str, batch: int) -> float:
+def _cost(model: nn.Module, example: torch.Tensor, budget: str, batch: int, runtime: str = "torch") -> float:
     if budget == "params":
         return float(metrics.count_params(model))
     if budget == "macs":
         return float(metrics.macs(model, example).dense)
+    if runtime == "onnxruntime":
+        from ...deploy import measured_latency
+
+        return measured_latency(model, example, batch, "onnxruntime", runs=20)
     return metrics.latency(model, example, batch_sizes=(batch,), runs=20)[batch].median_ms
 
 
@@ -113,7 +120,7 @@ def auto_channel_prune(model: nn.Module, config: AutoChannelConfig, data: Any = 
         raise ConfigError("layers", "no prunable channel group among the chosen layers")
     sub = eval_subset(val, config.samples)
     base_loss = evaluate(model, sub)[1]
-    dense = _cost(model, example, config.budget, config.latency_batch)
+    dense = _cost(model, example, config.budget, config.latency_batch, config.latency_runtime)
     grid = sorted(set(config.grid))
     savings, rises = [], []
     for name in names:
@@ -121,7 +128,7 @@ def auto_channel_prune(model: nn.Module, config: AutoChannelConfig, data: Any = 
         for ratio in grid:
             trial = copy.deepcopy(model)
             channel_prune(trial, _channel_config(config, ratio=0.0, layer_ratio={name: ratio}, layers=[name]), data=data)
-            s.append(max(0.0, dense - _cost(trial, example, config.budget, config.latency_batch)))
+            s.append(max(0.0, dense - _cost(trial, example, config.budget, config.latency_batch, config.latency_runtime)))
             r.append(max(0.0, evaluate(trial, sub)[1] - base_loss))
         savings.append(np.maximum.accumulate(np.asarray(s)))  # a higher ratio never saves less
         rises.append(np.maximum.accumulate(np.asarray(r)))
@@ -140,7 +147,7 @@ def auto_channel_prune(model: nn.Module, config: AutoChannelConfig, data: Any = 
         layer_ratio = {n: grid[j - 1] for n, j in zip(names, choice) if j > 0}
         trial = copy.deepcopy(model)
         channel_prune(trial, _channel_config(config, ratio=0.0, layer_ratio=layer_ratio, layers=list(layer_ratio) or names[:1]), data=data)
-        measured = _cost(trial, example, config.budget, config.latency_batch)
+        measured = _cost(trial, example, config.budget, config.latency_batch, config.latency_runtime)
         if measured <= target * (1 + 1e-9) or need >= most:
             break
         need = min(most, need + measured - target)

@@ -45,6 +45,20 @@ def test_latency_budget_is_timed_and_reported(trained):
     assert res.budget == "latency" and res.dense_cost > 0 and res.measured_cost > 0
 
 
+def test_latency_budget_in_the_deployed_onnxruntime_form(trained):
+    pytest.importorskip("onnxruntime")
+    from netshrink.deploy import measured_latency
+
+    model, data = copy.deepcopy(trained[0]), trained[1]
+    res = auto_channel_prune(model, AutoChannelConfig(reduction=0.01, budget="latency", latency_batch=32,
+                                                      latency_runtime="onnxruntime", grid=[0.5]), data=data)
+    assert res.budget == "latency" and res.dense_cost > 0 and res.measured_cost > 0
+    # the pruned model still exports and runs in onnxruntime, where its latency was measured
+    assert measured_latency(model, data.test[0][0].unsqueeze(0), 32, "onnxruntime") > 0
+    with pytest.raises(ConfigError, match="latency_runtime"):
+        AutoChannelConfig(latency_runtime="tensorrt")
+
+
 def test_an_unreachable_budget_names_reduction_and_leaves_the_model(trained):
     model, data = copy.deepcopy(trained[0]), trained[1]
     before = {k: v.clone() for k, v in model.state_dict().items()}
