@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ._registry import Registry
 from .errors import ConfigError, DataError, ModelError
 
 #: target entries equal to this are not scored (PyTorch's and transformers' convention)
@@ -356,28 +357,21 @@ def regression(**kw: Any) -> Task:
     return Task(name="regression", loss=_mse, metric=MSEMetric, output_key=kw.pop("output_key", None), **kw)
 
 
-_TASKS: dict[str, Callable[..., Task]] = {
-    "classification": classification,
-    "language_modeling": language_modeling,
-    "regression": regression,
-}
+#: task factories by name; extended by ``register_task`` and the ``netshrink.tasks`` entry points
+_TASKS: Registry[Callable[..., Task]] = Registry("task", group="netshrink.tasks")
+for _factory in (classification, language_modeling, regression):
+    _TASKS.add(_factory.__name__, _factory)
 _TASK_ARGS = {"output_key", "target_key", "input_keys", "shift", "ids_key"}
 
 
 def register_task(name: str) -> Callable[[Callable[..., Task]], Callable[..., Task]]:
     """Decorator: register a task factory under ``name`` (for recipes' ``task:``)."""
 
-    def deco(fn: Callable[..., Task]) -> Callable[..., Task]:
-        if name in _TASKS and _TASKS[name] is not fn:
-            raise RuntimeError(f"task {name!r} registered twice")
-        _TASKS[name] = fn
-        return fn
-
-    return deco
+    return _TASKS.register(name)
 
 
 def list_tasks() -> list[str]:
-    return sorted(_TASKS)
+    return _TASKS.names()
 
 
 DEFAULT_TASK = classification()
@@ -398,10 +392,7 @@ def resolve_task(spec: Any = None, field: str = "task") -> Task:
             raise ConfigError(f"{field}.{unknown[0]}", f"unknown task argument (known: name, {', '.join(sorted(_TASK_ARGS))})")
     if not isinstance(spec, str):
         raise ConfigError(field, f"expected a task name or a mapping with 'name', got {type(spec).__name__}")
-    factory = _TASKS.get(spec)
-    if factory is None:
-        raise ConfigError(field, f"unknown task {spec!r} (known: {', '.join(list_tasks())})")
-    return factory(**args)
+    return _TASKS.lookup(spec, field)(**args)
 
 
 __all__ = [
