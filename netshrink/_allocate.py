@@ -11,20 +11,22 @@ chosen under a budget. This module holds those shared parts and imports no famil
 - :func:`evaluate`: ``(metric, loss)`` of a model on them, through the task (error and cross-entropy
   by default; perplexity and token cross-entropy for a language model; MSE for regression);
 - :func:`layer_macs`: dense MACs per chosen layer for one example;
+- :func:`train_source` / :func:`iter_batches`: a bounded, seeded stream of ``(inputs, target)`` batches
+  for the methods that score on training data (criteria, rank budgets, layer-wise fits);
 - :func:`knapsack_min`: the exact multiple-choice knapsack (dynamic programming over integer costs).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, Subset, TensorDataset
 
 from .errors import ConfigError, DataError
 from .task import DEFAULT_TASK, Inputs, Task, _first_line
@@ -99,6 +101,36 @@ def val_source(data: Any, method: str) -> Any:
     if hasattr(data, "train") and hasattr(data, "test"):
         raise ConfigError("data", f"{method} needs a validation split: the Splits given has none")
     return data
+
+
+def train_source(data: Any, method: str) -> Any:
+    """The train split of a ``Splits``, or a Dataset / DataLoader / list of batches as given;
+    ``ConfigError("data")`` if None."""
+    if data is None:
+        raise ConfigError("data", f"method {method!r} scores weights on data: pass data=Splits, Dataset or DataLoader")
+    train = getattr(data, "train", None)
+    if isinstance(train, (Dataset, DataLoader)):
+        return train
+    if isinstance(data, (Dataset, DataLoader, list, tuple)):
+        return data
+    raise ConfigError("data", f"expected a Splits, Dataset or DataLoader, got {type(data).__name__}")
+
+
+def iter_batches(
+    data: Any, batches: int, batch_size: int, seed: int, device: torch.device, task: Task | None = None
+) -> Iterator[tuple[Inputs, Any]]:
+    """At most ``batches`` pairs ``(inputs, target)`` on ``device``, split by ``task`` (tuples, dicts,
+    token tensors; classification when None): a user's DataLoader or list of batches as given, a
+    Dataset drawn in a random order seeded by ``seed`` (so the batches are the same on every call)."""
+    task = task or DEFAULT_TASK
+    if isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+        gen = torch.Generator().manual_seed(seed)
+        data = DataLoader(data, batch_size=batch_size, sampler=RandomSampler(data, generator=gen))
+    for i, batch in enumerate(data):
+        if i >= batches:
+            break
+        inputs, target = task.split(batch)
+        yield inputs.to(device), (target.to(device) if isinstance(target, torch.Tensor) else target)
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -234,4 +266,6 @@ def knapsack_min(costs: Sequence[np.ndarray], values: Sequence[np.ndarray], capa
     return picked[::-1]
 
 
-__all__ = ["EvalSubset", "eval_subset", "evaluate", "glob_escape", "knapsack_min", "layer_macs", "val_source"]
+__all__ = [
+    "EvalSubset", "eval_subset", "evaluate", "glob_escape", "iter_batches", "knapsack_min", "layer_macs", "train_source", "val_source",
+]

@@ -7,12 +7,17 @@ parameters (the survey's Figure 2: a layer replaced by its low-rank approximatio
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
+from ..task import Inputs
 
-def layer_inputs(model: nn.Module, layer: nn.Module, batches: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The inputs ``layer`` sees when ``model`` runs (in eval mode, no grad) on ``batches``."""
+
+def layer_inputs(model: nn.Module, layer: nn.Module, batches: list[Any]) -> list[torch.Tensor]:
+    """The inputs ``layer`` sees when ``model`` runs (in eval mode, no grad) on ``batches`` (each an
+    input tensor, a tuple of positional inputs, a dict of keyword inputs or an :class:`Inputs`)."""
     seen: list[torch.Tensor] = []
     hook = layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
     was_training = model.training
@@ -20,7 +25,7 @@ def layer_inputs(model: nn.Module, layer: nn.Module, batches: list[torch.Tensor]
     try:
         with torch.no_grad():
             for x in batches:
-                model(x)
+                Inputs.of(x).call(model)
     finally:
         hook.remove()
         model.train(was_training)

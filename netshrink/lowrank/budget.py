@@ -5,8 +5,9 @@ change) and low-rank versions at ``levels`` (fractions ``f`` of its full rank: S
 ``ceil(f min(out, in))`` for a Linear, Tucker-2 ranks ``(ceil(f N), ceil(f C))`` for a Conv2d), each
 with a cost (parameters, or MACs per example) and a damage ``d``:
 
-- ``criterion="loss"``: the increase of the training loss, on a few fixed batches, when only that layer
-  is replaced by that candidate (a sensitivity analysis, as for pruning: Li et al., ICLR 2017);
+- ``criterion="loss"``: the increase of the training loss (the task's: cross-entropy by default, token
+  cross-entropy for a language model, MSE for regression), on a few fixed batches, when only that
+  layer is replaced by that candidate (a sensitivity analysis, as for pruning: Li et al., ICLR 2017);
 - ``criterion="error"``: the squared relative Frobenius error of the layer's weight (data-free).
 
 Allocation (greedy, a marginal-cost rule for the multiple-choice knapsack): start every layer dense; while
@@ -30,7 +31,8 @@ from torch import nn
 from .._registry import handler, register
 from ..config import BaseConfig, check_range
 from ..errors import ConfigError
-from ..prune._criteria import iter_batches, train_source
+from .._allocate import iter_batches, train_source
+from ..task import Inputs, Task, resolve_task
 from ._common import FactorizeResult, conv2d_reason, rel_error, target_layers
 from .conv import tucker2_factors
 from .conv_methods import TuckerConfig, conv_decompose
@@ -100,16 +102,16 @@ class RankBudgetConfig(BaseConfig):
         self.targets(model)
 
 
-def _example(config: RankBudgetConfig, data: Any, device: torch.device) -> torch.Tensor | None:
+def _example(config: RankBudgetConfig, data: Any, device: torch.device, task: Task) -> Inputs | None:
     if config.input_shape is not None:
-        return torch.zeros(1, *config.input_shape, device=device)
+        return Inputs((torch.zeros(1, *config.input_shape, device=device),))
     if data is None:
         return None
-    x, _ = next(iter_batches(train_source(data, "rank_budget"), 1, 1, config.seed, device))
-    return x[:1]
+    x, _ = next(iter_batches(train_source(data, "rank_budget"), 1, 1, config.seed, device, task))
+    return x.take(1)
 
 
-def _positions(model: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor) -> dict[str, tuple[float, float]]:
+def _positions(model: nn.Module, layers: dict[str, nn.Module], x: Inputs) -> dict[str, tuple[float, float]]:
     """Per layer and example: (input positions, output positions) -- spatial sizes, or rows for a Linear."""
     found: dict[str, tuple[float, float]] = {}
 
@@ -125,7 +127,7 @@ def _positions(model: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor) 
     model.eval()
     try:
         with torch.no_grad():
-            model(x)
+            x.call(model)
     finally:
         model.train(was_training)
         for h in handles:
@@ -183,13 +185,13 @@ def _candidates(layer: nn.Module, levels: list[float], pos: tuple[float, float],
     return sorted(kept, key=lambda rc: -rc[1])
 
 
-def _loss(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """The mean loss in eval mode (scoring must not move BatchNorm's running statistics)."""
+def _loss(model: nn.Module, batches: list[tuple[Inputs, Any]], task: Task) -> float:
+    """The task's mean batch loss in eval mode (scoring must not move BatchNorm's running statistics)."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            return sum(float(nn.functional.cross_entropy(model(x), y)) for x, y in batches) / len(batches)
+            return sum(float(task.compute_loss(task.forward(model, x), y)) for x, y in batches) / len(batches)
     finally:
         model.train(was_training)
 
@@ -218,14 +220,16 @@ def allocate(candidates: dict[str, list[Candidate]], fixed_cost: float, budget: 
 
 
 @handler(RankBudgetConfig)
-def rank_budget_factorize(model: nn.Module, config: RankBudgetConfig, data: Any = None) -> FactorizeResult:
-    """Choose per-layer ranks by :func:`allocate` and factorize ``model`` in place with them."""
+def rank_budget_factorize(model: nn.Module, config: RankBudgetConfig, data: Any = None, task: Task | None = None) -> FactorizeResult:
+    """Choose per-layer ranks by :func:`allocate` and factorize ``model`` in place with them; the
+    ``loss`` criterion scores on ``task``'s batches and loss (classification when None)."""
+    task = resolve_task(task)
     layers = config.targets(model)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     use_macs = config.macs_ratio is not None
     if config.criterion == "loss" and data is None:
         raise ConfigError("data", "criterion 'loss' scores ranks on data: pass data=, or use criterion: error")
-    x = _example(config, data, device)
+    x = _example(config, data, device, task)
     if x is None and use_macs:
         raise ConfigError("input_shape", "a MACs budget needs an example input: pass data= or give input_shape")
     positions = _positions(model, layers, x) if x is not None else {n: (1.0, 1.0) for n in layers}
@@ -238,8 +242,8 @@ def rank_budget_factorize(model: nn.Module, config: RankBudgetConfig, data: Any 
     else:
         total = float(sum(p.numel() for p in model.parameters()))
     batches = list(iter_batches(train_source(data, "rank_budget"), config.batches, config.batch_size, config.seed,
-                                device)) if config.criterion == "loss" else []
-    base = _loss(model, batches) if batches else 0.0
+                                device, task)) if config.criterion == "loss" else []
+    base = _loss(model, batches, task) if batches else 0.0
     cands: dict[str, list[Candidate]] = {}
     for name, layer in layers.items():
         parent_path, _, attr = name.rpartition(".")
@@ -253,7 +257,7 @@ def rank_budget_factorize(model: nn.Module, config: RankBudgetConfig, data: Any 
             if batches:
                 setattr(parent, attr, twin)
                 try:
-                    damage = _loss(model, batches) - base
+                    damage = _loss(model, batches, task) - base
                 finally:
                     setattr(parent, attr, layer)
             else:

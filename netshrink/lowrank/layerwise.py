@@ -8,6 +8,10 @@ The flow of the survey's Figure 2 (Cheng et al. 2017) as Jaderberg et al. (BMVC 
 2. fit ``L_hat`` to ``L``: ``min sum_x ||L(x) - L_hat(x)||^2`` over the inputs ``x`` the layer sees in
    the model *as already changed* (so each layer corrects the error of those before it);
 3. fine-tune the whole model on the task loss for a few steps before the next layer.
+
+Batches are read through a :class:`~netshrink.task.Task` (tuples, dicts, token tensors): the fit needs
+only the layer's inputs, so any task's data serves; the fine-tuning steps use the task's loss
+(cross-entropy by default, token cross-entropy for a language model, MSE for regression).
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ from torch import nn
 from .._registry import config_type, handler, handler_for, register
 from ..config import BaseConfig, check_range
 from ..errors import ConfigError
-from ..prune._criteria import iter_batches, train_source
-from ..quantize._common import calibration_batches, model_device
+from .._allocate import iter_batches, train_source
+from ..quantize._common import model_device
+from ..quantize.ptq import calibration_inputs
+from ..task import Inputs, Task, resolve_task
 from ._common import FactorizeResult
 from ._fit import layer_inputs, mimic_, relative_output_error
 
@@ -82,7 +88,7 @@ class LayerwiseConfig(BaseConfig):
         self.inner().check_model(model)
 
 
-def _finetune(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], steps: int, lr: float) -> None:
+def _finetune(model: nn.Module, batches: list[tuple[Inputs, Any]], steps: int, lr: float, task: Task) -> None:
     if steps <= 0 or not batches:
         return
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
@@ -91,26 +97,28 @@ def _finetune(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]
     for step in range(steps):
         x, y = batches[step % len(batches)]
         opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
+        task.compute_loss(task.forward(model, x), y).backward()
         opt.step()
     model.train(was_training)
 
 
 @handler(LayerwiseConfig)
-def layerwise_factorize(model: nn.Module, config: LayerwiseConfig, data: Any = None) -> FactorizeResult:
-    """Replace, fit and fine-tune the chosen layers of ``model`` one by one (see the module doc)."""
+def layerwise_factorize(model: nn.Module, config: LayerwiseConfig, data: Any = None, task: Task | None = None) -> FactorizeResult:
+    """Replace, fit and fine-tune the chosen layers of ``model`` one by one (see the module doc);
+    ``task`` reads the batches and gives the fine-tuning loss (classification when None)."""
+    task = resolve_task(task)
     if data is None:
         raise ConfigError("data", "layerwise fits each layer on sample inputs: pass data= (Splits, Dataset or DataLoader)")
     inner = config.inner()
     names = list(inner.targets(model))
     inner.check_model(model)
     device = model_device(model)
-    inputs = calibration_batches(data, config.samples, config.batch_size, config.seed, device)
+    inputs = calibration_inputs(data, config.samples, config.batch_size, config.seed, device, task)
     tune = []
     if config.finetune_steps > 0:
         source = train_source(data, "layerwise")
         n = min(config.finetune_steps, 64)
-        tune = list(iter_batches(source, n, config.batch_size, config.seed + 1, device))
+        tune = list(iter_batches(source, n, config.batch_size, config.seed + 1, device, task))
     done = {}
     for name in names:
         reference = copy.deepcopy(model.get_submodule(name))
@@ -122,7 +130,7 @@ def layerwise_factorize(model: nn.Module, config: LayerwiseConfig, data: Any = N
         after = relative_output_error(reference, new, seen)
         log.info("layerwise %s: output error %.4f -> %.4f after %d fit steps", name, before, after, config.fit_steps)
         done[name] = dataclasses.replace(step, output_error=after, fit_from=before)
-        _finetune(model, tune, config.finetune_steps, config.finetune_lr)
+        _finetune(model, tune, config.finetune_steps, config.finetune_lr, task)
     return FactorizeResult(done)
 
 

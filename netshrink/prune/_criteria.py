@@ -21,12 +21,12 @@ from typing import Any, Callable, Iterator, Literal
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from .._layers import per_layer, select_layers
 from ..config import BaseConfig, check_range
 from ..errors import ConfigError, ModelError
-from ..task import DEFAULT_TASK, IGNORE_INDEX, Inputs, Task
+from .._allocate import iter_batches, train_source
+from ..task import DEFAULT_TASK, IGNORE_INDEX, Task
 from ._mask import Mask, apply_mask, get_mask, parametrization_of
 from ._select import global_masks, keep_count, layer_masks, topk_mask
 from .magnitude import PruneResult
@@ -79,36 +79,6 @@ def at_least(name: str, value: int, lo: int) -> None:
 
 
 # --------------------------------------------------------------------------------------- data
-
-
-def train_source(data: Any, method: str) -> Any:
-    """The train split of a ``Splits``, or a Dataset / DataLoader / list of batches as given;
-    ``ConfigError("data")`` if None."""
-    if data is None:
-        raise ConfigError("data", f"method {method!r} scores weights on data: pass data=Splits, Dataset or DataLoader")
-    train = getattr(data, "train", None)
-    if isinstance(train, (Dataset, DataLoader)):
-        return train
-    if isinstance(data, (Dataset, DataLoader, list, tuple)):
-        return data
-    raise ConfigError("data", f"expected a Splits, Dataset or DataLoader, got {type(data).__name__}")
-
-
-def iter_batches(
-    data: Any, batches: int, batch_size: int, seed: int, device: torch.device, task: Task | None = None
-) -> Iterator[tuple[Inputs, Any]]:
-    """At most ``batches`` pairs ``(inputs, target)`` on ``device``, split by ``task`` (tuples, dicts,
-    token tensors; classification when None): a user's DataLoader or list of batches as given, a
-    Dataset drawn in a random order seeded by ``seed`` (so the batches are the same on every call)."""
-    task = task or DEFAULT_TASK
-    if isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
-        gen = torch.Generator().manual_seed(seed)
-        data = DataLoader(data, batch_size=batch_size, sampler=RandomSampler(data, generator=gen))
-    for i, batch in enumerate(data):
-        if i >= batches:
-            break
-        inputs, target = task.split(batch)
-        yield inputs.to(device), (target.to(device) if isinstance(target, torch.Tensor) else target)
 
 
 #: the per-sample loss a criterion differentiates, averaged over a batch: ``cross_entropy`` (logits and
