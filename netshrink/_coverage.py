@@ -8,7 +8,8 @@ Every per-layer method returns a :class:`Coverage` in its result (``result.cover
   parent that reads the weight itself); ``reason`` says why. With ``strict=True`` on the config a skip is
   a :class:`~netshrink.errors.ModelError` naming the parameter and the reason;
 - ``excluded``: a layer weight outside the ``layers`` patterns the user gave;
-- ``kept``: not what the method acts on by design (biases, norms, position tables, ...).
+- ``kept``: not what the method acts on by design (biases, norms, position tables, layers of a kind the
+  method never handles, such as a Linear under Tucker); ``detail`` says which.
 
 Tied parameters (one storage under several names, :func:`netshrink._state.tie_groups`) appear once, under
 the first name, with the other names in ``aliases``. ``notes`` hold model-level changes a method made
@@ -104,18 +105,23 @@ COLUMNS = ("parameter", "elements", "status", "how / why")
 
 def build_coverage(model: nn.Module, method: str, done: dict[str, str], skipped: dict[str, str] | None = None,
                    excluded: set[str] | None = None, notes: list[str] | None = None,
-                   kept_reason: str = "not a layer weight this method acts on") -> Coverage:
+                   kept_reason: str = "not a layer weight this method acts on",
+                   inapplicable: dict[str, str] | None = None,
+                   params: dict[str, tuple[int, tuple[str, ...]]] | None = None) -> Coverage:
     """A :class:`Coverage` of every parameter of ``model`` (unique storage, by effective name).
 
     ``done``: parameter name -> how it was compressed; ``skipped``: name -> why not; ``excluded``: names
-    outside the user's patterns; everything else is ``kept`` with ``kept_reason`` (a bias: "bias").
+    outside the user's patterns; ``inapplicable``: layer weights of a kind the method never handles ->
+    why (``kept``); everything else is ``kept`` with ``kept_reason`` (a bias: "bias"). ``params``: the
+    parameters to report (:func:`netshrink._state.unique_parameters` taken before a method replaced modules;
+    default: the model's now).
     A tied parameter named under any of its names takes the first name's record.
     """
     from ._state import unique_parameters
 
-    skipped, excluded = skipped or {}, excluded or set()
+    skipped, excluded, inapplicable = skipped or {}, excluded or set(), inapplicable or {}
     cov = Coverage(method, notes=list(notes or []))
-    for name, (numel, aliases) in unique_parameters(model).items():
+    for name, (numel, aliases) in (params if params is not None else unique_parameters(model)).items():
         names = (name, *aliases)
         hit = next((n for n in names if n in done), None)
         if hit is not None:
@@ -124,6 +130,8 @@ def build_coverage(model: nn.Module, method: str, done: dict[str, str], skipped:
             rec = ParamRecord(name, numel, "skipped", skipped[next(n for n in names if n in skipped)], aliases)
         elif any(n in excluded for n in names):
             rec = ParamRecord(name, numel, "excluded", "not matched by the config's layers patterns", aliases)
+        elif any(n in inapplicable for n in names):
+            rec = ParamRecord(name, numel, "kept", inapplicable[next(n for n in names if n in inapplicable)], aliases)
         else:
             leaf = name.rsplit(".", 1)[-1]
             why = "a bias (this method compresses layer weights)" if leaf.endswith("bias") else kept_reason
@@ -132,11 +140,18 @@ def build_coverage(model: nn.Module, method: str, done: dict[str, str], skipped:
     return cov
 
 
-def finish(coverage: Coverage, strict: bool) -> Coverage:
-    """``coverage``, after :meth:`Coverage.check_strict` when ``strict``."""
+def plan_coverage(model: nn.Module, method: str, done: dict[str, str], plan: Any, notes: list[str] | None = None,
+                  strict: bool = False, extra_skipped: dict[str, str] | None = None,
+                  params: dict[str, tuple[int, tuple[str, ...]]] | None = None) -> Coverage:
+    """:func:`build_coverage` from a :class:`netshrink._layers.LayerPlan`; with ``strict``, a skip found
+    only while compressing (``extra_skipped``) is an error too."""
+    skipped = dict(plan.skipped)
+    skipped.update(extra_skipped or {})
+    cov = build_coverage(model, method, done, skipped, plan.excluded, list(plan.notes) + list(notes or []),
+                         inapplicable=plan.inapplicable, params=params)
     if strict:
-        coverage.check_strict()
-    return coverage
+        cov.check_strict()
+    return cov
 
 
-__all__ = ["COLUMNS", "Coverage", "ParamRecord", "STATUSES", "build_coverage", "finish"]
+__all__ = ["COLUMNS", "Coverage", "ParamRecord", "STATUSES", "build_coverage", "plan_coverage"]

@@ -135,24 +135,32 @@ def per_layer(
 # ---------------------------------------------------------------------------------------------- parents
 
 
-_READS = re.compile(r"self\.(\w+)\.(weight|bias)\b|getattr\(\s*self\.(\w+)\s*,\s*['\"](weight|bias)['\"]")
+_READS = re.compile(r"\w\.(\w+)\.weight\b|getattr\(\s*\w+\.(\w+)\s*,\s*['\"]weight['\"]")
+_NOT_FORWARD = frozenset({"__init__", "netshrink_args", "extra_repr", "reset_parameters", "_reset_parameters",
+                          "__setstate__", "_load_from_state_dict", "__repr__"})
 _SOURCE_CACHE: dict[type, frozenset[str]] = {}
 
 
 def _children_read(cls: type) -> frozenset[str]:
-    """Names ``c`` for which the source of ``cls`` (and its bases below ``nn.Module``) reads
-    ``self.c.weight`` / ``self.c.bias`` (a heuristic on the source text; none when it is unavailable)."""
+    """Names ``c`` for which ``forward`` or a private helper of ``cls`` (and of its bases below ``nn.Module``)
+    reads ``<obj>.c.weight``: a heuristic on the source text (it may see a read that is none,
+    which only keeps a layer from being replaced), none where the source is unavailable."""
     if cls not in _SOURCE_CACHE:
         found: set[str] = set()
         for base in cls.__mro__:
             if base in (nn.Module, object) or base.__module__.startswith("torch.nn.modules.container"):
                 continue
-            try:
-                src = inspect.getsource(base)
-            except (OSError, TypeError):
-                continue
-            for m in _READS.finditer(src):
-                found.add(m.group(1) or m.group(3))
+            for attr, fn in vars(base).items():
+                # forward and private helpers it may call (``_forward_impl``), not public utilities
+                # (``weight_product``) nor construction code
+                if attr in _NOT_FORWARD or not inspect.isfunction(fn) or not (attr == "forward" or (attr.startswith("_") and not attr.startswith("__"))):
+                    continue
+                try:
+                    src = inspect.getsource(fn)
+                except (OSError, TypeError):
+                    continue
+                for m in _READS.finditer(src):
+                    found.add(m.group(1) or m.group(2))
         _SOURCE_CACHE[cls] = frozenset(found)
     return _SOURCE_CACHE[cls]
 
@@ -199,6 +207,9 @@ class LayerPlan:
     skipped: dict[str, str] = field(default_factory=dict)
     excluded: set[str] = field(default_factory=set)
     notes: list[str] = field(default_factory=list)
+    #: layer weights of a kind the method never handles (a Linear under Tucker): name -> why; reported
+    #: as ``kept``, not as a skip (``strict`` does not refuse them)
+    inapplicable: dict[str, str] = field(default_factory=dict)
 
     def check_strict(self, method: str, strict: bool) -> None:
         """With ``strict``, the first skipped parameter is a :class:`ModelError` naming it and why (before
@@ -261,12 +272,13 @@ def plan_layers(model: nn.Module, patterns: list[str] | None, method: str, *, ki
         kind = layer_kind(m)
         why = None
         if kind not in kinds:
-            why = f"{method} does not apply to {type(m).__name__} layers ({kind})"
-        elif inside(name) is not None:
+            why = (reason(name, m) if reason is not None else None) or f"{method} does not apply to {type(m).__name__} layers ({kind})"
             if patterns is None:
-                plan.excluded.add(wname)  # the insides of a replaced module: the replacement is the layer
+                plan.inapplicable[wname] = why
                 continue
-            why = f"it is inside a module already replaced ({inside(name)})"
+        elif inside(name) is not None and patterns is None:
+            plan.excluded.add(wname)  # the insides of a replaced module: the replacement is the layer
+            continue
         elif name in reads:
             why = reads[name]
         elif replaces and wname in tied_to:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -31,6 +31,7 @@ class CompactResult:
     """What ``compact_`` returns: one :class:`LayerCompaction` per replaced layer."""
 
     layers: dict[str, LayerCompaction]
+    coverage: Any = field(default=None, kw_only=True)  # a netshrink._coverage.Coverage
 
     @property
     def params_before(self) -> int:

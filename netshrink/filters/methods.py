@@ -18,7 +18,10 @@ from .._modules import replace_module
 from .._registry import handler, register
 from ..config import BaseConfig, check_range
 from ..errors import ConfigError
-from ..lowrank._common import conv_geometry, layer_params, module_params, rel_error, target_layers
+from .._coverage import plan_coverage
+from .._layers import CONV, LayerPlan
+from .._state import unique_parameters
+from ..lowrank._common import conv_geometry, layer_params, module_params, rel_error, target_plan
 from ..lowrank._fit import layer_inputs, mimic_, relative_output_error
 from ..quantize._common import calibration_batches, model_device
 from ._common import CompactResult, LayerCompaction, plain_conv_reason
@@ -33,8 +36,12 @@ class _FilterMethod(BaseConfig):
     def reason(self, module: nn.Module) -> str | None:
         return plain_conv_reason(module)
 
+    def plan(self, model: nn.Module) -> LayerPlan:
+        """The Conv2d layers replaced and why any other layer weight is not."""
+        return target_plan(model, self.layers, self.method, self.reason, (CONV,))
+
     def targets(self, model: nn.Module) -> dict[str, nn.Conv2d]:
-        return target_layers(model, self.layers, self.method, self.reason)
+        return self.plan(model).layers
 
     def check_model(self, model: nn.Module) -> None:
         self.targets(model)
@@ -130,7 +137,10 @@ def compact_layers(model: nn.Module, config: _FilterMethod, data: Any = None) ->
     outputs on the inputs it sees in the model as already changed (so later layers correct earlier ones).
     """
     config.check_model(model)
-    layers = config.targets(model)
+    plan = config.plan(model)
+    plan.check_strict(config.method, config.strict)
+    layers = plan.layers
+    params = unique_parameters(model)
     mimic = isinstance(config, DepthwiseConfig) and config.steps > 0
     if mimic and data is None:
         raise ConfigError("data", "depthwise mimics each layer on sample inputs: pass data= (Splits, Dataset, "
@@ -152,7 +162,9 @@ def compact_layers(model: nn.Module, config: _FilterMethod, data: Any = None) ->
         before = layer_params(conv)
         replace_module(model, name, new)
         done[name] = LayerCompaction(name, config.method, new.netshrink_type, before, module_params(new), err, out_err)
-    return CompactResult(done)
+    how = {f"{n}.weight": f"replaced by {d.module_type} ({d.params_before:,} -> {d.params_after:,} parameters)"
+           for n, d in done.items()}
+    return CompactResult(done, coverage=plan_coverage(model, config.method, how, plan, params=params))
 
 
 for _cfg in (EquivariantConfig, CReLUConfig, DepthwiseConfig):

@@ -5,13 +5,13 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._layers import select_layers, weight_layers
+from .._layers import ALL_KINDS, CONV, CONV1D_GPT2, LINEAR, LayerPlan, layer_kind, plan_layers, weight_layers
 from ..config import check_range
 from ..errors import ConfigError, ModelError
 
@@ -75,17 +75,12 @@ def check_positive(field: str, value: Any) -> None:
 # ---------------------------------------------------------------------------------------------- layers
 
 
-def _inside_replaced(model: nn.Module) -> Callable[[str], bool]:
-    roots = [n for n, m in model.named_modules() if n and getattr(type(m), "netshrink_type", None)]
-    return lambda name: any(name.startswith(r + ".") for r in roots)
-
-
 def _check_not_weightless(model: nn.Module, patterns: list[str] | None, method: str) -> None:
     """A pattern that names no weight layer but some other module (a BatchNorm, a pooling layer) is a
     :class:`ConfigError` that says what that module is (not "no layer named ...": the module exists)."""
     if patterns is None:
         return
-    weights = weight_layers(model)
+    weights = weight_layers(model, ALL_KINDS)
     for i, pat in enumerate(patterns):
         if any(fnmatch.fnmatchcase(n, pat) for n in weights):
             continue
@@ -95,29 +90,41 @@ def _check_not_weightless(model: nn.Module, patterns: list[str] | None, method: 
                                               "not a Linear or Conv layer")
 
 
-def target_layers(
-    model: nn.Module, patterns: list[str] | None, method: str, reason: Callable[[nn.Module], str | None]
-) -> dict[str, nn.Module]:
-    """The layers ``method`` acts on. ``reason(module)`` says why it does not apply (None: it does).
+def target_plan(
+    model: nn.Module, patterns: list[str] | None, method: str, reason: Callable[[nn.Module], str | None],
+    kinds: tuple[str, ...] = (LINEAR, CONV),
+) -> LayerPlan:
+    """The layers a module-replacing ``method`` acts on, and why every other layer weight is left alone
+    (:func:`netshrink._layers.plan_layers` with ``replaces=True``: a layer whose parent reads its weight,
+    a tied weight, the insides of a module already replaced are not replaced).
 
-    With ``patterns`` (globs, as in :func:`netshrink._layers.select_layers`) every matched layer must
-    apply, else a :class:`ConfigError` naming it; a pattern matching nothing is an error there too.
-    Without, every layer it applies to, leaving out the insides of modules already replaced.
+    ``reason(module)`` says why the method does not apply to a layer of ``kinds`` (None: it does). With
+    ``patterns`` (globs) every matched layer must apply, else a :class:`ConfigError` naming it; a pattern
+    matching nothing is an error too. No layer to act on at all is a :class:`ConfigError`.
     """
     _check_not_weightless(model, patterns, method)
-    if patterns is None:
-        inside = _inside_replaced(model)
-        chosen = {n: m for n, m in weight_layers(model).items() if not inside(n) and reason(m) is None}
-        if not chosen:
-            raise ConfigError("layers", f"the model has no layer that {method} applies to")
-        return chosen
-    chosen = select_layers(model, patterns)
-    for name, module in chosen.items():
-        why = reason(module)
-        if why is not None:
-            i = next(i for i, p in enumerate(patterns) if fnmatch.fnmatchcase(name, p))
-            raise ConfigError(f"layers[{i}]", f"{method} does not apply to layer {name!r}: {why}")
-    return chosen
+    plan = plan_layers(model, patterns, method, kinds=kinds, reason=lambda _n, m: reason(m), replaces=True)
+    if not plan.layers:
+        raise ConfigError("layers", f"the model has no layer that {method} applies to")
+    return plan
+
+
+def target_layers(
+    model: nn.Module, patterns: list[str] | None, method: str, reason: Callable[[nn.Module], str | None],
+    kinds: tuple[str, ...] = (LINEAR, CONV),
+) -> dict[str, nn.Module]:
+    """The layers of :func:`target_plan`."""
+    return target_plan(model, patterns, method, reason, kinds).layers
+
+
+def linear_matrix(layer: nn.Module) -> tuple[torch.Tensor, int, int, torch.Tensor | None]:
+    """``(W, in, out, bias)`` of a Linear or of GPT-2's ``Conv1D`` as the ``(out, in)`` matrix of
+    ``y = W x + b`` (Conv1D stores ``W`` transposed, ``(in, out)``)."""
+    w = layer.weight.detach()
+    if layer_kind(layer) == CONV1D_GPT2:
+        w = w.t()
+    bias = getattr(layer, "bias", None)
+    return w, int(w.shape[1]), int(w.shape[0]), None if bias is None else bias.detach()
 
 
 def override_field(name: str, overrides: Mapping[str, Any]) -> str:
@@ -161,6 +168,7 @@ class FactorizeResult:
     """What ``factorize_`` returns: one :class:`LayerFactorization` per replaced layer, by name."""
 
     layers: dict[str, LayerFactorization]
+    coverage: Any = field(default=None, kw_only=True)  # a netshrink._coverage.Coverage
 
     @property
     def params_before(self) -> int:

@@ -15,7 +15,9 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from .._layers import per_layer
+from .._coverage import plan_coverage
+from .._layers import CONV, LayerPlan, per_layer
+from .._state import unique_parameters
 from .._modules import replace_module
 from .._registry import handler, register
 from ..config import BaseConfig
@@ -32,7 +34,7 @@ from ._common import (
     override_field,
     ratio_rank,
     rel_error,
-    target_layers,
+    target_plan,
 )
 from .conv import (
     CPConv,
@@ -61,8 +63,12 @@ class _ConvMethod(BaseConfig):
     def reason(self, module: nn.Module) -> str | None:
         return conv2d_reason(module)
 
+    def plan(self, model: nn.Module) -> LayerPlan:
+        """The Conv2d layers decomposed and why any other layer weight is not."""
+        return target_plan(model, self.layers, self.method, self.reason, (CONV,))
+
     def targets(self, model: nn.Module) -> dict[str, nn.Conv2d]:
-        return target_layers(model, self.layers, self.method, self.reason)
+        return self.plan(model).layers
 
     def layer_rank_for(self, name: str, conv: nn.Conv2d, rank: Any) -> Any:
         """``rank`` (a config value, or None: chosen from the kernel) checked against ``conv``."""
@@ -92,9 +98,13 @@ class _ConvMethod(BaseConfig):
 
 @torch.no_grad()
 def conv_decompose(model: nn.Module, config: _ConvMethod, data: Any = None) -> FactorizeResult:
-    """Replace each chosen Conv2d of ``model`` in place by the module holding its decomposition."""
-    layers = config.targets(model)
+    """Replace each chosen Conv2d of ``model`` in place by the module holding its decomposition
+    (``strict``: a layer weight skipped, say a grouped conv, is an error before anything changes)."""
+    plan = config.plan(model)
+    plan.check_strict(config.method, config.strict)
+    layers = plan.layers
     ranks = config.explicit_ranks(layers)
+    params = unique_parameters(model)
     done = {}
     for i, (name, conv) in enumerate(layers.items()):
         new, factors = config.decompose(conv, ranks[name], config.seed + i)
@@ -105,7 +115,9 @@ def conv_decompose(model: nn.Module, config: _ConvMethod, data: Any = None) -> F
         before = layer_params(conv)
         replace_module(model, name, new)
         done[name] = LayerFactorization(name, config.method, new.netshrink_type, r, before, module_params(new), err)
-    return FactorizeResult(done)
+    how = {f"{n}.weight": f"decomposed by {config.method}, ranks {list(f.ranks)} ({f.params_before:,} -> {f.params_after:,} parameters)"
+           for n, f in done.items()}
+    return FactorizeResult(done, coverage=plan_coverage(model, config.method, how, plan, params=params))
 
 
 def _check_pair(field_name: str, value: Any) -> None:

@@ -24,7 +24,10 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
-from .._layers import per_layer
+from .._attention import converted_copy, prepare
+from .._coverage import plan_coverage
+from .._state import unique_parameters
+from .._layers import CONV1D_GPT2, LINEAR, LayerPlan, layer_kind, per_layer
 from .._modules import register_module, replace_module
 from .._registry import handler, register
 from ..config import BaseConfig
@@ -33,6 +36,7 @@ from ._common import (
     FactorizeResult,
     LayerFactorization,
     bool_arg,
+    linear_matrix,
     check_rank_fields,
     copy_into,
     energy_rank,
@@ -43,7 +47,7 @@ from ._common import (
     positive_int,
     ratio_rank,
     rel_error,
-    target_layers,
+    target_plan,
 )
 
 
@@ -202,7 +206,9 @@ class LowRankLinear(nn.Sequential):
 
 
 def _linear_reason(module: nn.Module) -> str | None:
-    return None if isinstance(module, nn.Linear) else f"it is a {type(module).__name__}, not a Linear"
+    if layer_kind(module) in (LINEAR, CONV1D_GPT2):
+        return None
+    return f"it is a {type(module).__name__}, not a Linear (or GPT-2 Conv1D)"
 
 
 @register("svd", family="lowrank")
@@ -223,9 +229,14 @@ class SvdConfig(BaseConfig):
     def validate(self) -> None:
         check_rank_fields(self, ("rank", "energy", "param_ratio"))
 
+    def plan(self, model: nn.Module) -> LayerPlan:
+        """The Linear and GPT-2 Conv1D layers this config factorizes and why any other layer weight is not
+        (a named layer it does not apply to is a :class:`ConfigError`)."""
+        return target_plan(model, self.layers, "svd", _linear_reason, (LINEAR, CONV1D_GPT2))
+
     def targets(self, model: nn.Module) -> dict[str, nn.Linear]:
-        """The Linear layers this config factorizes (a named non-Linear layer is a :class:`ConfigError`)."""
-        return target_layers(model, self.layers, "svd", _linear_reason)
+        """The layers of :meth:`plan`."""
+        return self.plan(model).layers
 
     def explicit_ranks(self, layers: dict[str, nn.Linear]) -> dict[str, int | None]:
         """Each layer's rank from ``rank`` / ``param_ratio`` / ``layer_rank`` (None: chosen by energy),
@@ -233,7 +244,7 @@ class SvdConfig(BaseConfig):
         overrides = per_layer(layers, self.layer_rank, None, "layer_rank")
         out: dict[str, int | None] = {}
         for name, lin in layers.items():
-            n_out, n_in = lin.weight.shape
+            n_out, n_in = linear_matrix(lin)[0].shape
             full = min(n_out, n_in)
             r = overrides[name]
             if r is None and self.rank is None and self.energy is None and self.param_ratio is None:
@@ -249,18 +260,29 @@ class SvdConfig(BaseConfig):
         return out
 
     def check_model(self, model: nn.Module) -> None:
-        self.explicit_ranks(self.targets(model))
+        self.explicit_ranks(self.targets(converted_copy(model, self.layers)))
 
 
 @handler(SvdConfig)
 @torch.no_grad()
 def svd_factorize(model: nn.Module, config: SvdConfig, data=None) -> FactorizeResult:
-    """Replace each chosen Linear layer of ``model`` in place by a :class:`LowRankLinear`."""
-    layers = config.targets(model)
+    """Replace each chosen Linear (or GPT-2 Conv1D, through its transposed weight) of ``model`` in place by
+    a :class:`LowRankLinear`.
+
+    ``nn.MultiheadAttention`` in scope is converted to separate q/k/v/out projections first (said in
+    ``result.coverage.notes``): its ``out_proj`` is read by the module itself and could not be replaced. A
+    layer whose parent reads its weight, or whose weight is tied to another, is skipped with the reason
+    (``strict``: an error, before anything changes).
+    """
+    notes = prepare(model, config.layers, "svd")
+    plan = config.plan(model)
+    plan.check_strict("svd", config.strict)
+    layers = plan.layers
     ranks = config.explicit_ranks(layers)
+    params = unique_parameters(model)
     done = {}
     for i, (name, lin) in enumerate(layers.items()):
-        weight = lin.weight.detach()
+        weight, n_in, n_out, bias = linear_matrix(lin)
         r = ranks[name]
         if config.train == "both":
             factors = svd_factors(weight, r, energy=config.energy if r is None else None)
@@ -269,12 +291,16 @@ def svd_factorize(model: nn.Module, config: SvdConfig, data=None) -> FactorizeRe
                 r = energy_rank(torch.linalg.svdvals(weight.to(torch.float64)), config.energy)
             basis = "identity" if config.train == "fixed_identity" else "random"
             factors = fixed_basis_factors(weight, r, basis, seed=config.seed + i)
-        new = LowRankLinear.from_linear(lin, factors, fixed="none" if config.train == "both" else "first")
+        new = LowRankLinear(n_in, n_out, factors.rank, bias is not None, "none" if config.train == "both" else "first")
+        new.to(device=weight.device, dtype=weight.dtype)
+        new.set_factors(factors, bias)
         before = layer_params(lin)
         replace_module(model, name, new)
         done[name] = LayerFactorization(name, "svd", new.netshrink_type, (factors.rank,), before, module_params(new),
                                         rel_error(weight, new.weight_product()))
-    return FactorizeResult(done)
+    how = {f"{n}.weight": f"factorized by SVD to rank {f.ranks[0]} ({f.params_before:,} -> {f.params_after:,} parameters)"
+           for n, f in done.items()}
+    return FactorizeResult(done, coverage=plan_coverage(model, "svd", how, plan, notes, params=params))
 
 
 __all__ = ["LinearFactors", "LowRankLinear", "SvdConfig", "fixed_basis_factors", "svd_factorize", "svd_factors"]

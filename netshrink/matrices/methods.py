@@ -9,7 +9,7 @@ that is not a Linear, or a name matching no layer, is a :class:`ConfigError` nam
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -19,7 +19,11 @@ from .._modules import replace_module
 from .._registry import handler, register
 from ..config import BaseConfig, check_range
 from ..errors import ConfigError
-from ..lowrank._common import layer_params, module_params, rel_error, target_layers
+from .._attention import converted_copy, prepare
+from .._coverage import plan_coverage
+from .._layers import LINEAR, LayerPlan
+from .._state import unique_parameters
+from ..lowrank._common import layer_params, module_params, rel_error, target_plan
 from .structured import CirculantLinear, HashedLinear, ToeplitzLinear
 
 
@@ -40,6 +44,7 @@ class StructureResult:
     """What ``structure_`` returns: one :class:`LayerStructure` per replaced layer."""
 
     layers: dict[str, LayerStructure]
+    coverage: Any = field(default=None, kw_only=True)  # a netshrink._coverage.Coverage
 
     @property
     def params_before(self) -> int:
@@ -57,11 +62,15 @@ def _linear_reason(module: nn.Module) -> str | None:
 class _StructuredMethod(BaseConfig):
     replaces_modules: ClassVar[bool] = True
 
+    def plan(self, model: nn.Module) -> LayerPlan:
+        """The Linear layers replaced and why any other layer weight is not."""
+        return target_plan(model, self.layers, self.method, _linear_reason, (LINEAR,))
+
     def targets(self, model: nn.Module) -> dict[str, nn.Linear]:
-        return target_layers(model, self.layers, self.method, _linear_reason)
+        return self.plan(model).layers
 
     def check_model(self, model: nn.Module) -> None:
-        for name, lin in self.targets(model).items():
+        for name, lin in self.targets(converted_copy(model, self.layers)).items():
             self.build(name, lin, 0)
 
     def build(self, name: str, lin: nn.Linear, index: int) -> nn.Module:
@@ -134,8 +143,16 @@ class HashedConfig(_StructuredMethod):
 
 @torch.no_grad()
 def structure_layers(model: nn.Module, config: _StructuredMethod, data: Any = None) -> StructureResult:
-    """Replace each chosen Linear of ``model`` in place by its structured module, projected from ``W``."""
-    layers = config.targets(model)
+    """Replace each chosen Linear of ``model`` in place by its structured module, projected from ``W``.
+
+    ``nn.MultiheadAttention`` in scope is converted to separate projections first (``result.coverage.notes``);
+    ``strict``: a skipped layer weight is an error before any layer is replaced.
+    """
+    notes = prepare(model, config.layers, config.method)
+    plan = config.plan(model)
+    plan.check_strict(config.method, config.strict)
+    layers = plan.layers
+    params = unique_parameters(model)
     built = {name: config.build(name, lin, i) for i, (name, lin) in enumerate(layers.items())}  # all checks first
     done = {}
     for name, lin in layers.items():
@@ -145,7 +162,9 @@ def structure_layers(model: nn.Module, config: _StructuredMethod, data: Any = No
         before = layer_params(lin)
         replace_module(model, name, new)
         done[name] = LayerStructure(name, config.method, new.netshrink_type, before, module_params(new), err)
-    return StructureResult(done)
+    how = {f"{n}.weight": f"replaced by {d.module_type} ({d.params_before:,} -> {d.params_after:,} parameters)"
+           for n, d in done.items()}
+    return StructureResult(done, coverage=plan_coverage(model, config.method, how, plan, notes, params=params))
 
 
 for _cfg in (CirculantConfig, ToeplitzConfig, HashedConfig):

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .._attention import converted_copy, prepare
-from .._coverage import Coverage, build_coverage
+from .._coverage import Coverage, plan_coverage
 from .._layers import ALL_KINDS, LayerPlan, per_layer, plan_layers
 from .._registry import handler, register
 from ..config import BaseConfig, check_range
@@ -163,4 +163,4 @@ def magnitude_prune(model: nn.Module, config: MagnitudeConfig, data=None) -> Pru
             follow_parametrization(m, model.get_submodule(alias))
     sparsity = {n: 1.0 - float((m.weight != 0).float().mean()) for n, m in layers.items()}
     done = {f"{n}.weight": f"pruned by magnitude to {sparsity[n]:.1%} zeros" for n in layers}
-    return PruneResult(sparsity, coverage=build_coverage(model, "magnitude", done, plan.skipped, plan.excluded, notes))
+    return PruneResult(sparsity, coverage=plan_coverage(model, "magnitude", done, plan, notes))

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .._attention import converted_copy, prepare
-from .._coverage import Coverage, build_coverage
+from .._coverage import Coverage, plan_coverage
 from .._layers import ALL_KINDS, LayerPlan, per_layer, plan_layers
 from .._registry import handler, register
 from ..config import BaseConfig, check_range
@@ -148,7 +148,7 @@ def kmeans_share(model: nn.Module, config: KMeansConfig, data=None) -> ShareResu
     plan = config.plan(model)
     plan.check_strict("kmeans", config.strict)
     layers = plan.layers
-    skipped = dict(plan.skipped)
+    skipped: dict[str, str] = {}
     bits = per_layer(layers, config.layer_bits, config.bits, "layer_bits")
     clusters, mse = {}, {}
     for n, m in layers.items():
@@ -168,7 +168,5 @@ def kmeans_share(model: nn.Module, config: KMeansConfig, data=None) -> ShareResu
         clusters[n] = int(book.centroids.size)
         mse[n] = book.inertia / vals.size
     done = {f"{n}.weight": f"shared: {clusters[n]}-entry k-means codebook, {bits[n]}-bit indices" for n in clusters}
-    coverage = build_coverage(model, "kmeans", done, skipped, plan.excluded, notes)
-    if config.strict:
-        coverage.check_strict()
+    coverage = plan_coverage(model, "kmeans", done, plan, notes, config.strict, skipped)
     return ShareResult(clusters, mse, coverage=coverage)
