@@ -287,3 +287,76 @@ def test_real_mnist_fetch_cache_and_reuse(monkeypatch):
     monkeypatch.setattr(data, "fetch_mnist_pkl_gz", no_fetch)
     again = mnist()
     assert torch.equal(again.test.tensors[0], x) and torch.equal(again.train.tensors[1], s.train.tensors[1])
+
+
+# --------------------------------------------------------------------------- user data: .npz, IDX folders, factories
+
+
+def test_npz_split_layout_and_dtypes(tmp_path):
+    g = np.random.default_rng(0)
+    arrays = {}
+    for s, n in (("train", 30), ("val", 10), ("test", 12)):
+        arrays[f"{s}_x"] = g.normal(size=(n, 3, 4)).astype(np.float64)
+        arrays[f"{s}_y"] = g.integers(0, 5, size=n).astype(np.int32)
+    np.savez(tmp_path / "d.npz", **arrays)
+    s = data.load_npz(tmp_path / "d.npz")
+    assert s.name == "d" and s.sizes == {"train": 30, "val": 10, "test": 12} and s.input_shape == (3, 4)
+    x, y = s.val[:]
+    assert x.dtype == torch.float32 and y.dtype == torch.int64
+    assert torch.equal(x, torch.from_numpy(arrays["val_x"].astype(np.float32))) and torch.equal(y, torch.from_numpy(arrays["val_y"]).long())
+    assert s.num_classes == 1 + max(int(arrays[f"{k}_y"].max()) for k in ("train", "val", "test"))
+
+
+def test_npz_unsplit_dict_columns_are_split_by_seed(tmp_path):
+    ids = np.arange(200 * 6).reshape(200, 6) % 50
+    np.savez(tmp_path / "t.npz", input_ids=ids, attention_mask=np.ones((200, 6), bool), labels=np.arange(200) % 3)
+    a = data.load_data(str(tmp_path / "t.npz"), seed=1)
+    b = data.load_npz(tmp_path / "t.npz", seed=1, val_fraction=0.2, test_fraction=0.1)
+    assert a.sizes == {"train": 160, "val": 20, "test": 20} and b.sizes == {"train": 140, "val": 40, "test": 20}
+    ex = a.train[0]
+    assert set(ex) == {"input_ids", "attention_mask", "labels"} and ex["input_ids"].dtype == torch.int64 and ex["attention_mask"].dtype == torch.bool
+    # the splits partition the rows (every row once), and the same seed gives the same split
+    seen = sorted(int(r[0]) * 1000 + int(r[1]) for part in (a.train, a.val, a.test) for r in part[:]["input_ids"])
+    assert seen == sorted(int(r[0]) * 1000 + int(r[1]) for r in ids)
+    assert torch.equal(data.load_npz(tmp_path / "t.npz", seed=1).test[:]["labels"], a.test[:]["labels"])
+
+
+@pytest.mark.parametrize(
+    "arrays, needle",
+    [
+        ({"train_x": np.zeros((4, 2)), "train_y": np.zeros(3), "val_x": np.zeros((2, 2)), "val_y": np.zeros(2),
+          "test_x": np.zeros((2, 2)), "test_y": np.zeros(2)}, "train: mismatched lengths: 'y' has 3 rows but 'x' has 4"),
+        ({"x": np.zeros((40, 2)), "y": np.zeros(39)}, "mismatched lengths"),
+        ({"train_x": np.zeros((4, 2)), "train_y": np.zeros(4)}, "no val_* arrays"),
+        ({"train_x": np.zeros((4, 2)), "train_y": np.zeros(4), "val_x": np.zeros((2, 2)), "val_y": np.zeros(2),
+          "test_x": np.zeros((2, 2)), "test_y": np.zeros(2), "extra": np.zeros(3)}, "'extra' has no split prefix"),
+        ({"x": np.zeros((3, 2)), "y": np.zeros(3)}, "too few to split"),
+        ({"x": np.array(["a", "b"] * 20), "y": np.zeros(40)}, "dtype <U1 are not supported"),
+    ],
+)
+def test_npz_bad_files_are_one_line_data_errors(tmp_path, arrays, needle):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(DataError, match=needle.replace("*", r"\*").replace("(", r"\(")):
+        data.load_npz(tmp_path / "bad.npz")
+
+
+def test_npz_never_unpickles(tmp_path):
+    np.savez(tmp_path / "obj.npz", x=np.array([{"a": 1}, None], dtype=object), y=np.zeros(2))
+    with pytest.raises(DataError, match="never pickles"):
+        data.load_npz(tmp_path / "obj.npz")
+    (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(DataError, match="not a readable .npz"):
+        data.load_npz(tmp_path / "junk.npz")
+
+
+def test_load_data_from_an_idx_folder_and_bad_specs(tmp_path):
+    g = np.random.default_rng(0)
+    for role, n in (("train", 12), ("t10k", 6)):
+        (tmp_path / f"{role}-images-idx3-ubyte").write_bytes(_idx_bytes(g.integers(0, 256, size=(n, 5, 5))))
+        (tmp_path / f"{role}-labels-idx1-ubyte").write_bytes(_idx_bytes(g.integers(0, 10, size=n)))
+    s = data.load_data(str(tmp_path))
+    assert s.sizes == {"train": 10, "val": 2, "test": 6} and s.input_shape == (1, 5, 5)
+    with pytest.raises(ConfigError, match="not a data set"):
+        data.load_data("imagenet")
+    with pytest.raises(ConfigError, match="cannot import 'no_such_module_xyz'"):
+        data.load_data("no_such_module_xyz:make")
