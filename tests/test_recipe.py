@@ -114,3 +114,34 @@ def test_stages_after_a_factorization_can_name_its_new_layers():
     data["stages"][1]["layer_sparsity"] = {"fc1.third": 0.5}
     with pytest.raises(ConfigError, match=r"stages\[1\].layer_sparsity.fc1.third"):
         parse_recipe(data)
+
+
+@pytest.mark.parametrize(
+    "path, value, field, needle",
+    [
+        ("model", "no.such.module:build", "model", "cannot import 'no.such.module'"),
+        ("model", "lenet_9000", "model", "package.module:function"),
+        ("model_args", [1, 2], "model_args", "expected a mapping"),
+        ("weights", 3, "weights", "expected a path"),
+        ("weights", "missing.safetensors", "weights", "file not found"),
+        ("data", "missing/folder", "data", "no such file or folder"),
+        ("data", "cifar10", "data", "unknown data set 'cifar10'"),
+        ("data_args", "seed=1", "data_args", "expected a mapping"),
+        ("task", "translation", "task", "unknown task 'translation'"),
+        ("task", {"name": "classification", "colour": 1}, "task.colour", "unknown task argument"),
+        ("task", "no_such_module_xyz:make", "task", "cannot import"),
+    ],
+)
+def test_bad_user_fields_name_the_field(path, value, field, needle):
+    with pytest.raises(ConfigError) as err:
+        parse_recipe(_with(path, value))
+    assert err.value.field == field and needle in str(err.value), str(err.value)
+
+
+def test_user_fields_parse(tmp_path):
+    import numpy as np
+
+    np.savez(tmp_path / "d.npz", x=np.zeros((20, 784), np.float32), y=np.zeros(20, np.int64))
+    r = parse_recipe({**GOOD, "data": "d.npz", "data_args": {"seed": 2}, "task": {"name": "classification", "target_key": "y"}}, base=tmp_path)
+    assert r.data == str(tmp_path / "d.npz") and r.data_args == {"seed": 2} and r.task.target_key == "y" and r.weights is None
+    assert not r.user_model and parse_recipe(GOOD).task.name == "classification"
