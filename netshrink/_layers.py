@@ -262,6 +262,10 @@ def plan_layers(model: nn.Module, patterns: list[str] | None, method: str, *, ki
     for i, pat in enumerate(patterns or []):
         hits = [n for n in candidates if fnmatch.fnmatchcase(n, pat)]
         if not hits:
+            other = next(((n, mod) for n, mod in model.named_modules() if n and fnmatch.fnmatchcase(n, pat)), None)
+            if other is not None:
+                raise ConfigError(f"{field}[{i}]", f"{method} does not apply to {other[0]!r}: it is a "
+                                                   f"{type(other[1]).__name__}, not a weight layer ({', '.join(ALL_KINDS)})")
             raise ConfigError(f"{field}[{i}]", f"no layer named {pat!r} (layers: {', '.join(candidates)})")
         matched.update(hits)
     for name, m in candidates.items():

@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .._attention import converted_copy, prepare
+from .._coverage import Coverage, plan_coverage
+from .._layers import ALL_KINDS, LayerPlan, out_axis, plan_layers
 from .._registry import handler, register
 from ..config import BaseConfig, check_range
 from ..metrics import sqnr_db
@@ -31,8 +34,21 @@ from ._common import (
     add_weight_quantizer,
     check_not_quantized,
     log,
-    select_quantizable,
 )
+
+
+def low_bit_plan(model: nn.Module, patterns: list[str] | None, method: str, per_channel: bool) -> LayerPlan:
+    """The layers a binary/ternary quantizer acts on: every layer kind (Linear, ConvNd, ConvTranspose,
+    GPT-2 Conv1D, Embedding); with per-channel scales, not the kinds that keep output channels on axis 1
+    (ConvTranspose, Conv1D: the scale is taken over axis 0), which are skipped with the reason."""
+
+    def reason(_name: str, m: nn.Module) -> str | None:
+        if per_channel and out_axis(m) != 0:
+            return (f"{type(m).__name__} stores output channels on weight axis 1 and the per-channel scale is taken "
+                    "over axis 0 (use per_channel: false)")
+        return None
+
+    return plan_layers(model, patterns, method, kinds=ALL_KINDS, reason=reason)
 
 
 @dataclass(frozen=True, eq=False)
@@ -157,7 +173,7 @@ class BinaryConfig(BaseConfig):
     layers: list[str] | None = None
 
     def check_model(self, model: nn.Module) -> None:
-        select_quantizable(model, self.layers, "binary")
+        low_bit_plan(converted_copy(model, self.layers), self.layers, "binary", self.per_channel and self.scale)
 
 
 @register("ternary", family="quantize")
@@ -173,7 +189,7 @@ class TernaryConfig(BaseConfig):
         check_range("threshold", self.threshold, 0.0, 10.0, lo_open=True)
 
     def check_model(self, model: nn.Module) -> None:
-        select_quantizable(model, self.layers, "ternary")
+        low_bit_plan(converted_copy(model, self.layers), self.layers, "ternary", self.per_channel)
 
 
 @dataclass
@@ -184,6 +200,7 @@ class LowBitResult:
     alpha: dict[str, torch.Tensor] = field(default_factory=dict)
     weight_sqnr_db: dict[str, float] = field(default_factory=dict)
     zeros: dict[str, float] = field(default_factory=dict)
+    coverage: Coverage | None = field(default=None, kw_only=True)
 
 
 def _scale_of(values: torch.Tensor, per_channel: bool) -> torch.Tensor:
@@ -192,10 +209,17 @@ def _scale_of(values: torch.Tensor, per_channel: bool) -> torch.Tensor:
     return a.reshape(a.shape[0], -1).amax(dim=1) if per_channel else a.max()
 
 
-def _apply_low_bit(model: nn.Module, layers_sel, method: str, make_quantizer, per_channel: bool, clip: bool) -> LowBitResult:
-    """Put ``make_quantizer()`` on each chosen layer's weight and measure what it did."""
+def _apply_low_bit(model: nn.Module, layers_sel, method: str, make_quantizer, per_channel: bool, clip: bool,
+                   strict: bool = False) -> LowBitResult:
+    """Put ``make_quantizer()`` on each chosen layer's weight and measure what it did (``nn.MultiheadAttention``
+    converted to separate projections first; a tied weight's layers share the one quantizer)."""
+    from ..prune._mask import follow_parametrization
+
     result = LowBitResult()
-    layers = select_quantizable(model, layers_sel, method)
+    notes = prepare(model, layers_sel, method)
+    plan = low_bit_plan(model, layers_sel, method, per_channel)
+    plan.check_strict(method, strict)
+    layers = plan.layers
     check_not_quantized(layers)
     for name, layer in layers.items():
         w = layer.weight.detach().clone()
@@ -207,6 +231,10 @@ def _apply_low_bit(model: nn.Module, layers_sel, method: str, make_quantizer, pe
         result.alpha[name] = _scale_of(wq, per_channel)
         result.weight_sqnr_db[name] = sqnr_db(w, wq)
         result.zeros[name] = float((wq == 0).float().mean())
+        for alias in plan.aliases.get(name, ()):
+            follow_parametrization(layer, model.get_submodule(alias))
+    how = {f"{n}.weight": f"{method} weights, weight SQNR {result.weight_sqnr_db[n]:.1f} dB" for n in result.alpha}
+    result.coverage = plan_coverage(model, method, how, plan, notes)
     log.info("%s: %d layers", method, len(result.alpha))
     return result
 
@@ -218,7 +246,7 @@ def binary_quantize(model: nn.Module, config: BinaryConfig, data=None) -> LowBit
     return _apply_low_bit(
         model, config.layers, "binary",
         lambda: BinaryWeightQuant(config.stochastic, config.scale, config.per_channel, config.clip),
-        config.per_channel and config.scale, config.clip,
+        config.per_channel and config.scale, config.clip, config.strict,
     )
 
 
@@ -227,7 +255,8 @@ def binary_quantize(model: nn.Module, config: BinaryConfig, data=None) -> LowBit
 def ternary_quantize(model: nn.Module, config: TernaryConfig, data=None) -> LowBitResult:
     """Ternarize the chosen layers' weights in place (a :class:`TernaryWeightQuant` on each)."""
     return _apply_low_bit(
-        model, config.layers, "ternary", lambda: TernaryWeightQuant(config.per_channel, config.threshold), config.per_channel, False
+        model, config.layers, "ternary", lambda: TernaryWeightQuant(config.per_channel, config.threshold), config.per_channel, False,
+        config.strict,
     )
 
 
