@@ -12,8 +12,10 @@ measures the validation error. The schedule reaches the target ``s_f`` in ``n = 
   the cubic schedule of :mod:`netshrink.prune.schedule` applied once per round.
 
 The procedure stops at the parameter target ``s_f`` or at the error ceiling, whichever comes first:
-a round whose fine-tuned validation error exceeds ``max_error`` is undone (weights, masks and all)
-and the model of the round before is kept.
+a round whose fine-tuned validation error exceeds ``max_error`` (or metric, ``max_metric``) is undone (weights, masks and all)
+and the model of the round before is kept. With a :class:`~netshrink.task.Task` the "error" is the
+task's metric (top-1 error by default; perplexity for a language model, MSE for regression; lower is
+better), the fine-tuning uses its loss and the criterion scores on its batches.
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .._layers import select_layers
-from .._registry import config_type, handler, handler_for, method_info, register
+from .._registry import HandlerContext, config_type, handler, method_info, register, run_handler
 from ..config import BaseConfig, check_range
 from ..errors import ConfigError
-from ..metrics import error_rate
+from ..task import Task, resolve_task
 from ..train import TrainConfig, Trainer
 from ._mask import remove_parametrization
 from ._select import geometric_schedule
@@ -51,7 +53,8 @@ class IterativeConfig(BaseConfig):
 
     ``criterion`` names a registered pruning method and ``criterion_args`` its other arguments (not
     its sparsity, scope or layers: those are set here). ``finetune`` is the training of every round
-    (``epochs: 0`` to skip). ``max_error`` is the validation error ceiling in [0, 1].
+    (``epochs: 0`` to skip). ``max_error`` is the validation error ceiling in [0, 1]; for a task scored
+    by another metric (perplexity, MSE) give ``max_metric`` instead, a ceiling >= 0 of that metric.
     """
 
     sparsity: float = 0.9
@@ -60,6 +63,7 @@ class IterativeConfig(BaseConfig):
     rounds: int = 5
     schedule: Literal["geometric", "agp"] = "geometric"
     max_error: float | None = None
+    max_metric: float | None = None
     scope: Literal["layer", "global"] = "layer"
     layers: list[str] | None = None
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, lr=0.01, progress=False))
@@ -70,6 +74,10 @@ class IterativeConfig(BaseConfig):
             raise ConfigError("rounds", f"must be at least 1, got {self.rounds}")
         if self.max_error is not None:
             check_range("max_error", self.max_error, 0.0, 1.0)
+        if self.max_metric is not None:
+            if self.max_error is not None:
+                raise ConfigError("max_metric", "give max_error or max_metric, not both")
+            check_range("max_metric", self.max_metric, 0.0, float("inf"), hi_open=True)
         if self.criterion == "iterative":
             raise ConfigError("criterion", "an iterative schedule cannot nest another")
         cls = config_type(self.criterion, field="criterion")
@@ -149,34 +157,40 @@ def _restore(model: nn.Module, snap: tuple[dict[str, torch.Tensor], set[tuple[st
 
 
 @handler(IterativeConfig)
-def iterative_prune(model: nn.Module, config: IterativeConfig, data: Any = None) -> IterativeResult:
+def iterative_prune(model: nn.Module, config: IterativeConfig, data: Any = None, task: Task | None = None) -> IterativeResult:
     """Run the rounds of ``config`` on ``model`` in place with ``data`` (a ``Splits``); see the module
-    docstring. The criterion gets ``data`` as a recipe stage would."""
+    docstring. The criterion gets ``data`` and ``task`` as a recipe stage would; the fine-tuning and
+    the validation metric are the task's (classification when None)."""
+    task = resolve_task(task)
     train, val = _splits(data)
-    if config.max_error is not None and val is None:
-        raise ConfigError("max_error", "an error ceiling needs a validation split in data")
+    ceiling = config.max_error if config.max_error is not None else config.max_metric
+    field_name = "max_error" if config.max_error is not None else "max_metric"
+    if ceiling is not None and val is None:
+        raise ConfigError(field_name, "a ceiling needs a validation split in data")
+    if config.max_error is not None and task.metric_name != "error":
+        raise ConfigError("max_error", f"the task {task.name!r} is scored by {task.metric_name}, not an error: give max_metric")
     layers = select_layers(model, config.layers)
-    prune_one = handler_for(config.round_config(config.sparsity), family="prune")
+    ctx = HandlerContext(data=data, task=task)
     records: list[RoundRecord] = []
     stopped = "target"
     for k, target in enumerate(config.targets(), start=1):
-        snap = _snapshot(model) if config.max_error is not None else None
-        prune_one(model, config.round_config(target), data=data)
-        pruned_err = error_rate(model, val) if val is not None else None
+        snap = _snapshot(model) if ceiling is not None else None
+        run_handler(model, config.round_config(target), ctx)
+        pruned_err = task.evaluate(model, val) if val is not None else None
         if config.finetune.epochs > 0:
             tc = copy.copy(config.finetune)
             tc.seed = config.finetune.seed + k
-            Trainer(model, tc).fit(train)
-        err = error_rate(model, val) if val is not None else None
+            Trainer(model, tc, task=task).fit(train)
+        err = task.evaluate(model, val) if val is not None else None
         reached = _overall(layers)
-        ok = config.max_error is None or err is None or err <= config.max_error
+        ok = ceiling is None or err is None or err <= ceiling
         records.append(RoundRecord(k, target, reached, pruned_err, err, ok))
-        log.info("iterative %s round %d: sparsity %.4f, val error %s -> %s", config.criterion, k, reached, pruned_err, err)
+        log.info("iterative %s round %d: sparsity %.4f, val %s %s -> %s", config.criterion, k, reached, task.metric_name, pruned_err, err)
         if not ok:
             assert snap is not None
             _restore(model, snap)
             stopped = "error"
-            log.info("round %d broke the error ceiling %.4f (%.4f): undone, stopping", k, config.max_error, err)
+            log.info("round %d broke the %s ceiling %.4f (%.4f): undone, stopping", k, task.metric_name, ceiling, err)
             break
     sparsity = {n: 1.0 - float((m.weight != 0).float().mean()) for n, m in layers.items()}
     return IterativeResult(sparsity, records, stopped)

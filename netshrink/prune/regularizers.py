@@ -17,7 +17,7 @@ Trainer's ``extra_loss`` hook: ``Trainer(model, cfg, extra_loss=biased_weight_de
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch import nn
@@ -25,7 +25,8 @@ from torch import nn
 from .._layers import select_layers
 from ..errors import ConfigError
 
-ExtraLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+#: the Trainer's ``extra_loss(model, inputs, target, output)`` (``inputs``: the batch's :class:`~netshrink.task.Inputs`)
+ExtraLoss = Callable[[nn.Module, Any, Any, torch.Tensor], torch.Tensor]
 BiasKind = Literal["hyperbolic", "exponential"]
 
 
@@ -40,7 +41,8 @@ def biased_penalty(weight: torch.Tensor, kind: BiasKind = "hyperbolic", scale: f
 def biased_weight_decay(
     strength: float, layers: list[str] | None = None, kind: BiasKind = "hyperbolic", scale: float = 1.0
 ) -> ExtraLoss:
-    """An ``extra_loss(model, x, y, logits)`` for :class:`netshrink.Trainer` that adds
+    """An ``extra_loss(model, inputs, target, output)`` for :class:`netshrink.Trainer` (any task: the
+    penalty reads only the weights) that adds
     ``strength · Σ_layers Σ_k B(w_k)`` over the (effective, masked) ``weight`` of ``layers`` (fnmatch
     patterns; every Linear/Conv layer when None). Bad arguments raise :class:`ConfigError`."""
     if not (isinstance(strength, (int, float)) and math.isfinite(strength) and strength >= 0):
@@ -50,9 +52,9 @@ def biased_weight_decay(
     if kind not in ("hyperbolic", "exponential"):
         raise ConfigError("kind", f"expected 'hyperbolic' or 'exponential', got {kind!r}")
 
-    def extra_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def extra_loss(model: nn.Module, inputs: Any, target: Any, output: torch.Tensor) -> torch.Tensor:
         chosen = select_layers(model, layers)
-        total = logits.new_zeros(())
+        total = output.new_zeros((), dtype=torch.float32)
         for m in chosen.values():
             total = total + biased_penalty(m.weight, kind, scale)
         return strength * total
