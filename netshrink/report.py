@@ -22,7 +22,7 @@ def _fmt_int(n: int) -> str:
 def stage_cells(row: Any) -> list[str]:
     return [
         row.stage,
-        f"{100 * row.test_error:.2f}%",
+        f"{100 * row.test_error:.2f}%" if getattr(row, "metric", "error") == "error" else f"{row.metric} {row.test_error:.4g}",
         _fmt_int(row.params),
         _fmt_int(row.nonzeros),
         f"{row.bits_per_nonzero:.2f}",

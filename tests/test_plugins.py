@@ -164,3 +164,21 @@ def test_user_splits_without_tensors_have_an_input_shape():
 
     ds = DictDataset({"input_ids": torch.zeros(4, 7, dtype=torch.long), "labels": torch.zeros(4, dtype=torch.long)})
     assert Splits("d", ds, ds, ds).input_shape == (7,)
+
+
+def test_a_missing_extra_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from netshrink.cli import main
+
+    with monkeypatch.context() as mp:
+        mp.setitem(sys.modules, "sklearn", None)  # as if scikit-learn were not installed
+        with pytest.raises(MissingExtraError, match=r"pip install 'netshrink\[digits\]'"):
+            data.digits()
+    m = netshrink.build_model("mlp", in_features=64, hidden=[8])
+    netshrink.pack(m, tmp_path / "m.nsk")
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    assert main(["export", str(tmp_path / "m.nsk"), "-o", str(tmp_path / "m.onnx"), "--data", "digits"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pip install 'netshrink[onnx]'" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "m.onnx").exists()
