@@ -27,6 +27,7 @@ keeping at least one head.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -37,7 +38,8 @@ from torch import nn
 from ..._registry import handler, register
 from ...config import BaseConfig, check_range
 from ...errors import ConfigError
-from .._criteria import at_least, device_of, eval_mode, iter_batches, loss_fn
+from ...task import Inputs, resolve_task
+from .._criteria import at_least, device_of, eval_mode, iter_batches
 from .attention import ATTENTION_TYPES, head_sums
 from .graph import DependencyGraph
 from .reconstruct import reconstruct_
@@ -126,9 +128,35 @@ class ChannelResult:
         return {n: 1.0 - after / before for n, (before, after) in self.channels.items()}
 
 
-def example_inputs(model: nn.Module, config: ChannelConfig, data: Any) -> tuple[torch.Tensor, ...]:
-    """One example: the first of ``data`` (a Splits, Dataset or DataLoader) or a zero tensor of
-    ``config.input_shape``; a :class:`ConfigError` when there is neither."""
+def _inputs(item: Any) -> Inputs:
+    """What a batch stream yields as model inputs, as an :class:`Inputs` (a bare tensor too)."""
+    return item if isinstance(item, Inputs) else Inputs.of(item)
+
+
+def positional(model: nn.Module, inputs: Inputs) -> tuple[Any, ...]:
+    """``inputs`` as the positional arguments of ``model.forward`` (keyword inputs placed by name,
+    skipped parameters given their defaults), for tracing and shape propagation."""
+    if not inputs.kwargs:
+        return tuple(inputs.args)
+    params = list(inspect.signature(model.forward).parameters.values())
+    try:
+        bound = inspect.signature(model.forward).bind_partial(*inputs.args, **inputs.kwargs).arguments
+    except TypeError as exc:
+        raise ConfigError("data", f"the example inputs do not fit {type(model).__name__}.forward: {exc}") from None
+    last = max(i for i, p in enumerate(params) if p.name in bound)
+    out = []
+    for p in params[:last + 1]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            raise ConfigError("data", f"structured pruning traces {type(model).__name__}.forward, whose *args/**kwargs "
+                                      "take the keyword inputs: give positional inputs")
+        out.append(bound[p.name] if p.name in bound else p.default)
+    return tuple(out)
+
+
+def example_inputs(model: nn.Module, config: ChannelConfig, data: Any, task: Any = None) -> tuple[Any, ...]:
+    """One example, as positional inputs of ``model.forward``: the first of ``data`` (a Splits,
+    Dataset or DataLoader; batches read by ``task``) or a zero tensor of ``config.input_shape``; a
+    :class:`ConfigError` when there is neither."""
     dev = device_of(model)
     if config.input_shape is not None:
         return (torch.zeros(1, *config.input_shape, device=dev),)
@@ -136,10 +164,10 @@ def example_inputs(model: nn.Module, config: ChannelConfig, data: Any) -> tuple[
     if source is None:
         raise ConfigError("input_shape", "structured pruning traces the model on one example: pass data= or input_shape")
     try:
-        x = next(iter(iter_batches(source, 1, 1, 0, dev)))[0]
+        first = next(iter(iter_batches(source, 1, 1, 0, dev, task=resolve_task(task))))[0]
     except StopIteration:
         raise ConfigError("data", "the data yielded no batch") from None
-    return (x[:1],)
+    return positional(model, _inputs(first).take(1))
 
 
 def _rows(graph: DependencyGraph, tensors: dict[str, dict[str, torch.Tensor]], kinds: set[str]) -> dict[int, torch.Tensor]:
@@ -199,9 +227,10 @@ def bn_scores(model: nn.Module, graph: DependencyGraph) -> dict[int, float]:
     return scores
 
 
-def taylor_scores(model: nn.Module, graph: DependencyGraph, batches: Any, loss: str = "cross_entropy") -> dict[int, float]:
-    """``s_c = mean_batches (Σ_{k∈c} g_k w_k)²`` over weights, biases and BN scale/shift (Molchanov 2019)."""
-    lossf = loss_fn(loss)
+def taylor_scores(model: nn.Module, graph: DependencyGraph, batches: Any, task: Any = None) -> dict[int, float]:
+    """``s_c = mean_batches (Σ_{k∈c} g_k w_k)²`` over weights, biases and BN scale/shift (Molchanov
+    2019), with the loss of ``task`` (classification by default); ``batches`` yields ``(inputs, target)``."""
+    task = resolve_task(task)
     params: list[tuple[str, str, torch.Tensor]] = []
     for name, use in graph.layers.items():
         m = model.get_submodule(name)
@@ -216,7 +245,8 @@ def taylor_scores(model: nn.Module, graph: DependencyGraph, batches: Any, loss: 
     count = 0
     with eval_mode(model):
         for x, y in batches:
-            grads = torch.autograd.grad(lossf(model(x), y), [p for _, _, p in params], allow_unused=True)
+            loss = task.compute_loss(task.forward(model, _inputs(x)), y)
+            grads = torch.autograd.grad(loss, [p for _, _, p in params], allow_unused=True)
             acc: dict[str, dict[str, torch.Tensor]] = {}
             for (name, pname, p), g in zip(params, grads):
                 if g is None:
@@ -281,7 +311,7 @@ def channel_prune(model: nn.Module, config: ChannelConfig, data: Any = None, tas
 
     if is_hf_model(model):
         return prune_hf(model, config, data, task)
-    graph = DependencyGraph.build(model, example_inputs(model, config, data), strict=config.strict,
+    graph = DependencyGraph.build(model, example_inputs(model, config, data, task), strict=config.strict,
                                   approximate_layernorm=config.approximate_layernorm, gqa_heads=config.gqa_heads)
     if config.criterion == "l1":
         scores = l1_scores(model, graph)
@@ -290,8 +320,9 @@ def channel_prune(model: nn.Module, config: ChannelConfig, data: Any = None, tas
     else:
         if data is None:
             raise ConfigError("data", "criterion 'taylor' scores channels on data: pass data=Splits, Dataset or DataLoader")
-        batches = iter_batches(getattr(data, "train", data), config.batches, config.batch_size, config.seed, device_of(model))
-        scores = taylor_scores(model, graph, batches)
+        batches = iter_batches(getattr(data, "train", data), config.batches, config.batch_size, config.seed, device_of(model),
+                               task=resolve_task(task))
+        scores = taylor_scores(model, graph, batches, task)
     removed = plan_removal(graph, scores, config)
     dense = copy.deepcopy(model) if config.reconstruct and config.mode == "remove" else None
     if config.mode == "zero":
@@ -302,7 +333,8 @@ def channel_prune(model: nn.Module, config: ChannelConfig, data: Any = None, tas
     if dense is not None:
         if data is None:
             raise ConfigError("data", "reconstruct: true refits layers on data: pass data=Splits, Dataset or DataLoader")
-        batches = iter_batches(getattr(data, "train", data), config.batches, config.batch_size, config.seed + 1, device_of(model))
+        batches = iter_batches(getattr(data, "train", data), config.batches, config.batch_size, config.seed + 1, device_of(model),
+                               task=resolve_task(task))
         refit = reconstruct_(model, dense, graph, removed, batches, config.ridge)
         log.info("least-squares reconstruction refit %d layers", len(refit))
     log.info("structured pruning removed %d channel classes in %d groups", len(removed), len(graph.groups))

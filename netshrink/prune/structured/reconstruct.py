@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,13 +58,15 @@ def reconstruct_(
     dense: nn.Module,
     graph: DependencyGraph,
     removed: set[int],
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    batches: Iterable[tuple[Any, torch.Tensor]],
     ridge: float = 1e-4,
 ) -> list[str]:
     """Refit, in place, every Linear / Conv2d (``groups = 1``, zero padding) of ``pruned`` whose
     inputs lost channels; ``dense`` is the model before removal (same layer names), ``graph`` the
     dependency graph it was pruned with. Returns the names of the refit layers."""
-    data = [x for x, _ in batches]
+    from ...task import Inputs
+
+    data = [x if isinstance(x, Inputs) else Inputs.of(x) for x, _ in batches]
     if not data:
         raise ConfigError("data", "reconstruction needs data: the data yielded no batch")
     done = []
@@ -89,8 +92,8 @@ def reconstruct_(
             for x in data:
                 xs.clear()
                 ys.clear()
-                pruned(x)
-                dense(x)
+                x.call(pruned)
+                x.call(dense)
                 X = _patches(m, xs[0]).double()
                 Y = _targets(ref, ys[0]).double().index_select(1, outs.to(ys[0].device))
                 X = torch.cat([X, torch.ones(X.shape[0], 1, dtype=X.dtype, device=X.device)], 1)
