@@ -283,12 +283,21 @@ def _file_digest(path: Path) -> str:
 
 
 def _code_digest(spec: str) -> str:
-    """The content of the module a ``package.module:function`` factory lives in (a changed factory is a new baseline)."""
+    """The source of the package a ``package.module:function`` factory lives in (every ``.py`` file of its
+    top-level package, or its one module): changed code is a new cached baseline."""
+    import hashlib
     import sys
 
-    mod = sys.modules.get(spec.split(":", 1)[0])
-    file = getattr(mod, "__file__", None)
-    return _file_digest(Path(file)) if file and Path(file).is_file() else spec
+    top = sys.modules.get(spec.split(":", 1)[0].split(".", 1)[0])
+    file = getattr(top, "__file__", None)
+    if not file or not Path(file).is_file():
+        return spec
+    path = Path(file)
+    files = sorted(path.parent.rglob("*.py")) if path.name == "__init__.py" else [path]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(path.parent)).encode() + b"\0" + _file_digest(f).encode())
+    return h.hexdigest()
 
 
 def _content_key(recipe: Recipe) -> dict[str, Any]:
