@@ -13,6 +13,8 @@ group                what the entry point names
                        (or a module that calls ``register_dataset``)
 ``netshrink.methods``  a module (or a config class in it) whose import registers the method named
                        like the entry point, with ``register_method`` and ``method_handler``
+``netshrink.tasks``    a factory ``fn(**args) -> netshrink.task.Task``, registered under the entry
+                       point's name (recipes' ``task:``)
 ==================== ===================================================================
 
 A package declares them in its ``pyproject.toml``::
