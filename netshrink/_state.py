@@ -117,3 +117,69 @@ def unique_effective_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     """:func:`effective_parameters` with each tied storage once, under its first name."""
     dropped = {n for g in tie_groups(model) for n in g[1:]}
     return {n: t for n, t in effective_parameters(model).items() if n not in dropped}
+
+
+def tie_aliases(model: nn.Module) -> set[str]:
+    """The names of tied parameters other than the first of their group (packed once, under the first)."""
+    return {n for g in tie_groups(model) for n in g[1:]}
+
+
+MAX_TIES = 1 << 12
+
+
+def check_ties(ties: object, where: str) -> list[list[str]]:
+    """``ties`` as a file header stores it: a list of groups of two or more dotted parameter names;
+    else a :class:`~netshrink.errors.FormatError` naming ``where``."""
+    from .errors import FormatError
+
+    if not isinstance(ties, list) or len(ties) > MAX_TIES:
+        raise FormatError(f"{where}: expected a list of at most {MAX_TIES} groups of tied parameter names")
+    for i, g in enumerate(ties):
+        if (not isinstance(g, list) or not 2 <= len(g) <= MAX_TIES
+                or not all(isinstance(n, str) and 0 < len(n) <= 1000 and "" not in n.split(".") for n in g)):
+            raise FormatError(f"{where}[{i}]: expected a list of two or more dotted parameter names")
+    return ties  # type: ignore[return-value]
+
+
+def retie_(model: nn.Module, ties: list[list[str]], where: str) -> None:
+    """Make each group of ``ties`` one storage in ``model`` again (the first name's Parameter, set on the
+    others' modules) where the model does not tie them already. A name the model lacks, or tensors of
+    different shapes, is a :class:`~netshrink.errors.ModelError`."""
+    from .errors import ModelError
+
+    for i, group in enumerate(ties):
+        owners = []
+        for name in group:
+            mod_name, _, attr = name.rpartition(".")
+            try:
+                mod = model.get_submodule(mod_name)
+            except AttributeError:
+                mod = None
+            if mod is None or attr not in mod._parameters or mod._parameters[attr] is None:
+                raise ModelError(f"{where}[{i}]: the model has no plain parameter {name!r} to tie")
+            owners.append((mod, attr))
+        first = owners[0][0]._parameters[owners[0][1]]
+        for (mod, attr), name in zip(owners[1:], group[1:]):
+            p = mod._parameters[attr]
+            if p is first:
+                continue
+            if p.shape != first.shape:
+                raise ModelError(f"{where}[{i}]: {name!r} has shape {list(p.shape)}, {group[0]!r} {list(first.shape)}: cannot tie")
+            setattr(mod, attr, first)
+
+
+def follow_ties_(model: nn.Module, ties: list[list[str]]) -> None:
+    """After the first parameter of each tie group got a parametrization (a mask, a codebook), give the
+    others the same one, so the tie holds for the compressed value."""
+    from .prune._mask import follow_parametrization
+
+    for group in ties:
+        mod_name, _, attr = group[0].rpartition(".")
+        first = model.get_submodule(mod_name)
+        plist = getattr(first, "parametrizations", None)
+        if plist is None or attr not in plist:
+            continue
+        for name in group[1:]:
+            m, _, a = name.rpartition(".")
+            if a == attr:
+                follow_parametrization(first, model.get_submodule(m), attr)

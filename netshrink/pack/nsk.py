@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .._modules import apply_edits, check_edits, edits_of
-from .._state import WeightState, effective_tensors, weight_state
+from .._state import WeightState, check_ties, effective_tensors, follow_ties_, retie_, tie_aliases, tie_groups, weight_state
 from ..errors import ConfigError, FormatError, ModelError, NetshrinkError
 from ..prune._mask import apply_mask, make_permanent
 from ..quantize._sharing import apply_sharing
@@ -155,8 +155,9 @@ def _check_json(value: Any, error: Any) -> None:
 
 
 def _packable(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State tensors by plain state_dict name, as the forward pass sees them (no non-persistent buffers)."""
-    skip = set()
+    """State tensors by plain state_dict name, as the forward pass sees them (no non-persistent buffers;
+    a tied parameter once, under the first name of its group)."""
+    skip = tie_aliases(model)
     for mod_name, module in model.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
         skip.update(prefix + b for b in getattr(module, "_non_persistent_buffers_set", ()))
@@ -196,6 +197,9 @@ def _emit(f: BinaryIO, model: nn.Module, coding: str, metadata: dict[str, Any] |
         entries.append(dict(enc.entry, parts=parts))
     header = {"format": FORMAT_NAME, "model": _model_spec(model), "edits": edits_of(model),
               "metadata": dict(metadata or {}), "tensors": entries}
+    ties = tie_groups(model)
+    if ties:  # tied parameters, packed once under the first name, tied again on load (absent when none)
+        header["ties"] = ties
     act = act_quant_specs(model)
     if act:  # input quantizers to attach again on load (absent when there are none)
         header["act_quant"] = act
@@ -252,6 +256,7 @@ def _open(path: str | os.PathLike) -> _Opened:
     check_edits(header.setdefault("edits", []), f"{where}: header.edits")  # absent in older files
     check_edit_args(header["edits"], f"{where}: header.edits")
     check_act_quant(header.setdefault("act_quant", []), f"{where}: header.act_quant")
+    check_ties(header.setdefault("ties", []), f"{where}: header.ties")
     entries = hfield(header, "tensors", list, f"{where}: header")
     lengths = [len(v) for v in views]
     specs = [check_entry(e, f"{where}: header.tensors[{i}]", lengths) for i, e in enumerate(entries)]
@@ -345,10 +350,14 @@ def _build(o: _Opened, model: nn.Module | None, guard: BuildGuard, meta: bool) -
             model = _zoo_model(o.header["model"], o.path)
             apply_edits(model, o.header["edits"], where=edits_at)
             apply_act_quant(model, o.header["act_quant"], where=act_at)
+        retie_(model, o.header["ties"], f"{o.path}: header.ties")
         return model
     apply_edits(model, o.header["edits"], where=edits_at, guard=guard)  # each edit probed on meta first
     with guard.scope(meta=False):
         apply_act_quant(model, o.header["act_quant"], where=act_at)
+    if o.header["ties"]:
+        make_permanent(model)  # ties are set on plain parameters
+        retie_(model, o.header["ties"], f"{o.path}: header.ties")
     return model
 
 
@@ -396,6 +405,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, restore: bo
                 apply_mask(module, d.mask.to(dev), attr)
             if d.codebook is not None:
                 apply_sharing(module, d.codebook.to(dev), d.indices.to(dev), attr)
+        follow_ties_(model, o.header["ties"])
     return model
 
 
