@@ -369,17 +369,41 @@ def _channel_view(v: np.ndarray, ndim: int) -> np.ndarray:
     return v.reshape((-1,) + (1,) * (ndim - 1)) if v.ndim else v
 
 
-def _quantize_layer(gr: _Graph, name: str, wqp: Any, aqp: Any, unsigned_weights: bool, prefix: str = "", hint: str = "") -> tuple[bool, bool]:
+def _transposed_copy(gr: _Graph, w: np.ndarray | None) -> str | None:
+    """The initializer holding ``w.T`` as the weight of one MatMul (a Linear on inputs of more than 2 dims,
+    whose weight torch's exporter transposes by constant folding), or None."""
+    if w is None or w.ndim != 2:
+        return None
+    wt = w.T
+    for name, init in gr.inits.items():
+        if tuple(init.dims) != wt.shape:
+            continue
+        uses = gr.consumers(name)
+        if len(uses) == 1 and uses[0][1] == 1 and uses[0][0].op_type == "MatMul" and np.array_equal(gr.array(name), wt):
+            return name
+    return None
+
+
+def _quantize_layer(
+    gr: _Graph, name: str, wqp: Any, aqp: Any, unsigned_weights: bool, prefix: str = "", hint: str = "", weight: np.ndarray | None = None
+) -> tuple[bool, bool]:
     wname = f"{prefix}{name}.weight"
+    matmul = False
+    if wname not in gr.inits:
+        alt = _transposed_copy(gr, weight)
+        if alt is not None:
+            wname, matmul = alt, True
     uses = gr.consumers(wname)
-    if wname not in gr.inits or len(uses) != 1 or uses[0][1] != 1 or uses[0][0].op_type not in ("Gemm", "Conv"):
+    if wname not in gr.inits or len(uses) != 1 or uses[0][1] != 1 or uses[0][0].op_type not in ("Gemm", "Conv", "MatMul"):
         found = ", ".join(sorted({n.op_type for n, _ in uses})) or "none"
-        raise ModelError(f"int8 export: the weight of layer {name!r} did not become the weight of one Gemm/Conv node in the ONNX graph "
+        raise ModelError(f"int8 export: the weight of layer {name!r} did not become the weight of one Gemm/Conv/MatMul node in the ONNX graph "
                          f"(consumers: {found}){hint}")
     node = uses[0][0]
     if node.op_type == "Gemm" and not _gemm_ok(node):
         raise ModelError(f"int8 export: layer {name!r} became a Gemm with transposes or scaling that the exporter does not handle")
     w = gr.array(wname).astype(np.float32)
+    if matmul:
+        w = w.T  # (out, in) as the quantizer's channels: the codes are transposed back below
     quant_w = wqp is not None and wqp.bits <= 8
     s_w = None
     if quant_w:
@@ -391,10 +415,12 @@ def _quantize_layer(gr: _Graph, name: str, wqp: Any, aqp: Any, unsigned_weights:
         if wqp.signed and unsigned_weights:  # the same values as uint8 codes with zero point 128
             codes, z_w = codes + 128, z_w + 128
         codes = codes.astype(np.int8 if wqp.signed and not unsigned_weights else np.uint8)
+        if matmul:
+            codes = np.ascontiguousarray(codes.T)
         qi = gr.add_init(f"{wname}_quantized", codes)
         si = gr.add_init(f"{wname}_scale", s_w)
         zi = gr.add_init(f"{wname}_zero_point", z_w.astype(codes.dtype))
-        attrs = {"axis": 0} if s_w.ndim else {}
+        attrs = {"axis": 1 if matmul else 0} if s_w.ndim else {}
         node.input[1] = gr.node("DequantizeLinear", [qi, si, zi], f"{wname}_dequantized", **attrs)
         gr.drop_init(wname)
     if aqp is None:
@@ -424,12 +450,13 @@ def _quantize_layer(gr: _Graph, name: str, wqp: Any, aqp: Any, unsigned_weights:
 
 
 def _int8_graph(
-    proto: Any, quant: dict[str, tuple[Any, Any]], unsigned_weights: bool, prefix: str = "", hints: dict[str, str] | None = None
+    proto: Any, quant: dict[str, tuple[Any, Any]], unsigned_weights: bool, prefix: str = "", hints: dict[str, str] | None = None,
+    weights: dict[str, np.ndarray] | None = None,
 ) -> tuple[list[str], list[str]]:
     gr = _Graph(proto)
     wl, al = [], []
     for name, (wqp, aqp) in quant.items():
-        w, a = _quantize_layer(gr, name, wqp, aqp, unsigned_weights, prefix, (hints or {}).get(name, ""))
+        w, a = _quantize_layer(gr, name, wqp, aqp, unsigned_weights, prefix, (hints or {}).get(name, ""), (weights or {}).get(name))
         if w:
             wl.append(name)
         if a:
@@ -526,7 +553,8 @@ def export_onnx(
         hints = _bn_hints(plain, quant, example)
     adapter = _Adapter(plain, example, task.output_key)
     proto = _trace(adapter, dynamic_axes)
-    wl, al = _int8_graph(proto, quant, unsigned_weights, "", hints) if int8 else ([], [])
+    weights = {n: m.weight.detach().cpu().numpy().astype(np.float32) for n, m in plain.named_modules() if n in quant}
+    wl, al = _int8_graph(proto, quant, unsigned_weights, "", hints, weights) if int8 else ([], [])
     try:
         onnx.checker.check_model(proto)
     except Exception as exc:

@@ -260,3 +260,24 @@ def test_multihead_attention_exports_to_fp32_onnx(tmp_path):
         want = m(x).numpy()
     np.testing.assert_allclose(ort_predict(s, x), want, atol=1e-5, rtol=1e-4)
     assert torch.backends.mha.get_fastpath_enabled()  # restored after the export
+
+
+def test_multihead_attention_int8_ptq_sees_every_projection(tmp_path):
+    torch.manual_seed(0)
+    m = _MHAClassifier().eval()
+    x = torch.randn(64, 5, 16)
+    ref = m(x)
+    q = copy.deepcopy(m)
+    res = quantize_(q, Int8Config(), data=x)
+    assert res.converted_attention == ["attn"] and not res.skipped
+    assert {"attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "head"} <= set(res.inputs)
+    assert (q(x) - ref).abs().max() <= 0.1 * ref.abs().max()
+    # the converted, quantized model still exports to fp32 ONNX and runs
+    res2 = export_onnx(q, tmp_path / "mha_q_fp.onnx", x[:2])
+    np.testing.assert_allclose(ort_predict(ort_session(res2.path), x), m(x).detach().numpy(), atol=0.1 * float(ref.detach().abs().max()))
+    # and to int8 QDQ: the projections on (batch, length, dim) inputs are MatMuls with transposed int8 weights
+    res3 = export_onnx(q, tmp_path / "mha_q8.onnx", x[:2], int8=True)
+    assert {"attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "head"} <= set(res3.quantized) == set(res3.act_quantized)
+    sim = q(x).detach().numpy()
+    got = ort_predict(ort_session(res3.path, threads=1), x)
+    assert np.abs(got - sim).max() <= 0.02 * np.abs(sim).max()

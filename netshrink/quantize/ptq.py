@@ -16,6 +16,9 @@ Krishnamoorthi, "Quantizing deep convolutional networks for efficient inference"
    in the float model and ``ŷ = Ŵ x̃ + b`` in the quantized one (``x̃`` its input there, after the
    layers before it are quantized and corrected) -- for the first layer ``E[Wx] - E[Ŵx]``.
 
+Every ``nn.MultiheadAttention`` in scope is first converted to an equivalent module with separate
+q/k/v/out ``nn.Linear`` projections (:func:`netshrink._attention.convert_attention_`): the fused module reads
+``out_proj.weight`` itself and packs q/k/v into one parameter, so no observer would see those inputs.
 Before anything is quantized, with ``fold_bn`` (the default), every BatchNorm that follows a Conv/Linear
 layer is folded into it (:mod:`netshrink.quantize.fold`; Jacob et al. 2018 §3.2), so the quantizers see
 the weights that integer kernels run. Calibration batches are read through a :class:`~netshrink.task.Task`
@@ -144,7 +147,8 @@ class UniformResult:
     ``inputs``: the calibrated input quantizer (absent when activations are off or not yet calibrated);
     ``bias_shift``: L2 norm of each bias correction; ``skipped``: chosen layers left in float, with the
     reason (never called on the calibration data); ``bn_folded``: BatchNorm -> the layer it was folded
-    into; ``bn_kept``: BatchNorms left as they are, with the reason.
+    into; ``bn_kept``: BatchNorms left as they are, with the reason; ``converted_attention``: the
+    ``nn.MultiheadAttention`` modules converted to separate q/k/v/out projections first.
     """
 
     bits: dict[str, int] = field(default_factory=dict)
@@ -154,6 +158,7 @@ class UniformResult:
     skipped: dict[str, str] = field(default_factory=dict)
     bn_folded: dict[str, str] = field(default_factory=dict)
     bn_kept: dict[str, str] = field(default_factory=dict)
+    converted_attention: list[str] = field(default_factory=list)
 
 
 def _call(model: nn.Module, batch: Any) -> Any:
@@ -316,6 +321,12 @@ def bias_correct_(
 
 def _prepare(model: nn.Module, config: UniformConfig, data: Any, qat: bool, task: Task | None = None) -> UniformResult:
     method = config.method or "uniform"
+    from .._attention import convert_attention_, in_scope
+
+    converted: list[str] = []
+    if in_scope(model, config.layers):  # MHA reads out_proj.weight itself: separate q/k/v/out Linear layers first
+        converted = convert_attention_(model, config.layers)
+        log.info("%s: converted nn.MultiheadAttention %s to separate q/k/v/out projections first", method, ", ".join(converted))
     layers = select_quantizable(model, config.layers, method)
     bits = per_layer(layers, config.layer_bits, config.bits, "layer_bits")
     check_not_quantized(layers)
@@ -325,7 +336,7 @@ def _prepare(model: nn.Module, config: UniformConfig, data: Any, qat: bool, task
         needs_data = True
     batches = calibration_inputs(data, config.calibration_samples, config.batch_size, config.seed, device, task) if needs_data else []
 
-    result = UniformResult()
+    result = UniformResult(converted_attention=converted)
     if config.fold_bn:
         if batches:
             folded = fold_batchnorm_(model, batches[0].call)
