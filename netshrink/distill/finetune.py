@@ -44,6 +44,7 @@ from torch import nn
 
 from ..config import BaseConfig
 from ..errors import ConfigError, ModelError
+from ..task import Inputs, Task, resolve_task
 from ._taps import find_layer
 from .losses import DistillationLoss, DistillConfig, _check_alpha, _check_temperature, teacher_logits
 
@@ -119,8 +120,8 @@ class DistillFinetuneLoss(DistillationLoss):
     call :meth:`close` to remove it) and the teacher layer's output in the teacher's pass.
     """
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, config: FinetuneDistillConfig):
-        super().__init__(teacher, config.kd())
+    def __init__(self, teacher: nn.Module, student: nn.Module, config: FinetuneDistillConfig, task: Task | str | None = None):
+        super().__init__(teacher, config.kd(), task)
         self.ft = config
         config.check_layers(teacher, student)
         self._student_rec = [_Recorder(find_layer(student, h.student_layer, "student_layer", "student")) for h in config.hints]
@@ -156,15 +157,19 @@ def _soft(logits: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Te
     return soft_target_loss(logits, t, temperature)
 
 
-def check_teacher_fits(teacher: nn.Module, student: nn.Module, example: torch.Tensor, where: str = "distill") -> None:
-    """One forward pass of both models on ``example``: different output shapes are a
+def check_teacher_fits(teacher: nn.Module, student: nn.Module, example: Any, where: str = "distill",
+                       task: Task | str | None = None) -> None:
+    """One forward pass of both models on ``example`` (a tensor, a tuple or dict of inputs, or
+    :class:`~netshrink.task.Inputs`), outputs read through ``task``: different output shapes are a
     :class:`ConfigError` naming ``where`` and both shapes."""
+    task = resolve_task(task)
+    example = Inputs.of(example)
     was = student.training
     student.eval()
     try:
         with torch.no_grad():
-            s = student(example)
-        t = teacher_logits(teacher, example)
+            s = task.forward(student, example)
+        t = teacher_logits(teacher, example, task)
     finally:
         student.train(was)
     if tuple(s.shape) != tuple(t.shape):

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import BaseConfig
 from ..errors import ConfigError, DataError, ModelError
-from ..task import Inputs
+from ..task import DEFAULT_TASK, Inputs, Task, resolve_task
 from ..train import TrainConfig, Trainer, TrainResult
 from ._taps import capture, find_layer
 from .losses import DistillConfig, DistillResult, distill
@@ -129,29 +129,29 @@ class GuidedStudent(nn.Module):
         self.student_layer = student_layer
         self._guided = find_layer(student, student_layer, "student_layer", "student")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        v = capture(self.student, self._guided, x, f"student layer {self.student_layer!r}")
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        v = capture(self.student, self._guided, Inputs(args, kwargs), f"student layer {self.student_layer!r}")
         return self.regressor(v)
 
 
 # ------------------------------------------------------------------------------------- training
 
 
-def _first_batch(data: Dataset | DataLoader) -> torch.Tensor:
+def _first_batch(data: Dataset | DataLoader, task: Task | None = None) -> Inputs:
     loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=2, shuffle=False)
     for batch in loader:
-        if isinstance(batch, (tuple, list)) and batch:
-            return batch[0]
-        if isinstance(batch, torch.Tensor):
-            return batch
-        raise DataError(f"each batch must be a pair (inputs, targets), got {type(batch).__name__}")
+        if isinstance(batch, torch.Tensor) and not (task is not None and task.shift):
+            return Inputs((batch,))
+        return (task or DEFAULT_TASK).split(batch)[0]
     raise DataError("train_data is empty")
 
 
 @torch.no_grad()
-def feature_shape(model: nn.Module, layer: nn.Module, x: torch.Tensor, what: str) -> tuple[int, ...]:
-    """The shape of ``layer``'s output for input ``x`` (model in eval mode, its mode restored)."""
+def feature_shape(model: nn.Module, layer: nn.Module, x: Any, what: str) -> tuple[int, ...]:
+    """The shape of ``layer``'s output for input ``x`` (a tensor or :class:`~netshrink.task.Inputs`;
+    model in eval mode, its mode restored)."""
     param = next(model.parameters(), None)
+    x = Inputs.of(x)
     if param is not None:
         x = x.to(param.device)
     was_training = model.training
@@ -216,25 +216,28 @@ def train_hint(
     train_config: TrainConfig | Mapping[str, Any] | None = None,
     *,
     regressor: nn.Module | None = None,
+    task: Task | str | None = None,
 ) -> HintResult:
     """Stage 1 of FitNets (Romero et al. 2015): train the student up to ``config.student_layer`` and a
     regressor (built by :func:`make_regressor` from one batch unless given) to minimise
     ``1/2 ||u_h(x) - r(v_g(x))||^2`` against the frozen teacher's ``config.teacher_layer``.
 
     The student is updated in place; the regressor is returned (it is not part of the student).
+    ``task`` says how batches split into inputs (tuples, dicts); the targets are not used here.
     """
+    task = resolve_task(task)
     if isinstance(config, Mapping):
         config = HintConfig.from_dict(dict(config))  # type: ignore[assignment]
     if not isinstance(config, HintConfig):
         raise ConfigError("hint", f"expected a HintConfig or a mapping, got {type(config).__name__}")
     hint_layer, guided_layer = config.check_layers(teacher, student)
     if regressor is None:
-        x = _first_batch(train_data)
+        x = _first_batch(train_data, task)
         t_shape = feature_shape(teacher, hint_layer, x, f"teacher layer {config.teacher_layer!r}")
         s_shape = feature_shape(student, guided_layer, x, f"student layer {config.student_layer!r}")
         regressor = make_regressor(s_shape, t_shape, config.regressor)
     guided = GuidedStudent(student, config.student_layer, regressor)
-    trainer = Trainer(guided, train_config, loss_fn=_no_loss, extra_loss=HintLoss(teacher, config.teacher_layer))
+    trainer = Trainer(guided, train_config, task=task, loss_fn=_no_loss, extra_loss=HintLoss(teacher, config.teacher_layer))
     result = trainer.fit(train_data, None)
     return HintResult(result, regressor)
 
@@ -248,11 +251,14 @@ def fitnets(
     hint_train_config: TrainConfig | Mapping[str, Any] | None = None,
     train_config: TrainConfig | Mapping[str, Any] | None = None,
     distill_config: DistillConfig | Mapping[str, Any] | None = None,
+    *,
+    task: Task | str | None = None,
 ) -> FitNetsResult:
     """FitNets (Romero et al. 2015): hint training (:func:`train_hint`), then soft-target distillation
-    of the whole student (:func:`~netshrink.distill.losses.distill`). The student is trained in place."""
-    hint = train_hint(student, teacher, train_data, hint_config, hint_train_config)
-    kd = distill(student, teacher, train_data, val_data, train_config, distill_config)
+    of the whole student (:func:`~netshrink.distill.losses.distill`), both on ``task``'s batches (its
+    loss and metric in the second stage). The student is trained in place."""
+    hint = train_hint(student, teacher, train_data, hint_config, hint_train_config, task=task)
+    kd = distill(student, teacher, train_data, val_data, train_config, distill_config, task=task)
     return FitNetsResult(hint, kd)
 
 

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ..config import BaseConfig, check_range
 from ..errors import ConfigError, DataError
+from ..task import output_tensor
 from ..train import TrainConfig, Trainer, TrainResult
 
 # ------------------------------------------------------------------------------------- config
@@ -171,7 +172,9 @@ def teacher_labels(
 ) -> torch.Tensor:
     """The teacher's labels for ``x``: ``softmax(z_t / T)`` (``"soft"``, float ``(N, C)``) or
     ``argmax z_t`` (``"hard"``, int64 ``(N,)``), computed in eval mode in batches on the teacher's
-    device and returned on the CPU; the teacher's mode is restored."""
+    device and returned on the CPU; the teacher's mode is restored. A tuple/dict/ModelOutput is read
+    through :func:`netshrink.task.output_tensor` (its logits). MUNGE's labels are class
+    probabilities: the transfer set serves classification students."""
     if labels not in ("soft", "hard"):
         raise ConfigError("labels", f"expected 'soft' or 'hard', got {labels!r}")
     param = next(teacher.parameters(), None)
@@ -181,7 +184,7 @@ def teacher_labels(
     outs = []
     try:
         for start in range(0, x.shape[0], batch_size):
-            z = teacher(x[start : start + batch_size].to(device)).float()
+            z = output_tensor(teacher(x[start : start + batch_size].to(device))).float()
             outs.append((F.softmax(z / temperature, dim=1) if labels == "soft" else z.argmax(1)).cpu())
     finally:
         teacher.train(was_training)
