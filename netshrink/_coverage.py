@@ -149,9 +149,27 @@ def plan_coverage(model: nn.Module, method: str, done: dict[str, str], plan: Any
     skipped.update(extra_skipped or {})
     cov = build_coverage(model, method, done, skipped, plan.excluded, list(plan.notes) + list(notes or []),
                          inapplicable=plan.inapplicable, params=params)
+    record(model, cov)
     if strict:
         cov.check_strict()
     return cov
 
 
-__all__ = ["COLUMNS", "Coverage", "ParamRecord", "STATUSES", "build_coverage", "plan_coverage"]
+#: the attribute on the root model that keeps the coverage of every method applied to it (plain JSON)
+LOG_ATTR = "netshrink_coverage"
+
+
+def record(model: nn.Module, coverage: Coverage) -> None:
+    """Append ``coverage`` to the model's log (:data:`LOG_ATTR`), which the run report shows."""
+    log = list(getattr(model, LOG_ATTR, None) or [])
+    log.append(coverage.to_dict())
+    setattr(model, LOG_ATTR, log)
+
+
+def coverage_log(model: nn.Module) -> list[Coverage]:
+    """Every :class:`Coverage` recorded on ``model``, in the order the methods ran (in this process: a
+    model loaded from a file starts with none)."""
+    return [Coverage.from_dict(d) for d in getattr(model, LOG_ATTR, None) or []]
+
+
+__all__ = ["COLUMNS", "Coverage", "ParamRecord", "STATUSES", "build_coverage", "coverage_log", "plan_coverage", "record"]

@@ -103,6 +103,30 @@ def info_text(info: NskInfo) -> str:
     return "\n".join(lines)
 
 
+def coverage_sections(result: Any) -> str:
+    """Markdown: per method applied in this run, its summary, notes and a table of every parameter
+    (compressed and how, skipped and why, excluded, kept); "" when no method recorded one."""
+    from ._coverage import COLUMNS, coverage_log
+
+    model = getattr(result, "model", None)
+    logs = coverage_log(model) if model is not None else []
+    parts = []
+    for i, cov in enumerate(logs, start=1):
+        lines = [f"**{i}. {cov.summary()}**"]
+        lines += [f"- {n}" for n in cov.notes]
+        skipped = cov.skipped
+        if skipped:
+            lines.append(f"- skipped: {', '.join(skipped)} (the reasons are in the table)")
+        lines += ["", markdown_table(COLUMNS, cov.rows())]
+        parts.append("\n".join(lines))
+    if parts:
+        parts.insert(0, "Statuses: compressed (how), skipped (a layer weight the method could not handle: why; "
+                        "`strict: true` makes it an error), excluded (outside the stage's `layers`), kept (not what "
+                        "the method acts on). Tied parameters appear once, with their other names. Stages resumed "
+                        "from a file are not listed.")
+    return "\n\n".join(parts)
+
+
 def write_run_report(result: Any, recipe: Any) -> Path:
     """report.md, weights.png and sparsity.png in the run's folder."""
     out = Path(result.out_dir)
@@ -136,7 +160,10 @@ def write_run_report(result: Any, recipe: Any) -> Path:
     except MissingExtraError as err:
         pics = f"Not drawn: {err}"
     sections.append(("Plots", pics))
+    coverage = coverage_sections(result)
+    if coverage:
+        sections.append(("Coverage: what each method did to each parameter", coverage))
     return write_markdown(out / "report.md", sections, f"netshrink run: {recipe.name}")
 
 
-__all__: Sequence[str] = ["info_text", "write_run_report", "layer_rows", "stream_rows"]
+__all__: Sequence[str] = ["coverage_sections", "info_text", "write_run_report", "layer_rows", "stream_rows"]
