@@ -15,6 +15,13 @@ the remaining samples continuing through the backbone (the final exit takes ever
 is in nats (at most ``log C`` for ``C`` classes): ``T = 0`` sends every sample to the final exit,
 ``T > log C`` makes every sample leave at the first exit.
 
+Any task (:class:`~netshrink.task.Task`): ``CE`` above is the task's loss (token cross-entropy for a
+language model), batches may be tuples or dicts (the network takes one input tensor: the batch's
+only input), and the measured "error" of a routing is the task's metric (perplexity for a language
+model). For logits with positions, ``(B, T, V)``, a sequence's entropy is the mean of its tokens'
+entropies and the whole sequence leaves together. Entropy routing needs class logits: a regression
+task is refused with a :class:`ConfigError`.
+
 Cost: a sample that leaves at exit ``k`` (placed after stage ``j_k``) has paid for stages
 ``1 .. j_k`` and exit heads ``1 .. k``; the final exit pays for every stage and every early head.
 MACs per stage and head come from :func:`netshrink.metrics.macs` on a batch of one.
@@ -42,6 +49,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, DataError, ModelError
 from ..metrics import macs
+from ..task import DEFAULT_TASK, Task, _first_line, batches, resolve_task
 from ..train import TrainConfig, Trainer, TrainResult
 
 # ---------------------------------------------------------------------------------- network
@@ -52,6 +60,29 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     log-softmax, so no ``log 0`` appears)."""
     logp = F.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
+
+
+def sample_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """One entropy per sample: :func:`entropy` of ``(B, C)`` logits; for ``(B, T, ..., V)`` the mean
+    over the sample's positions."""
+    h = entropy(logits)
+    return h.reshape(h.shape[0], -1).mean(1) if h.dim() > 1 else h
+
+
+def _single_input(args: Sequence[Any], kwargs: Mapping[str, Any]) -> torch.Tensor:
+    """The one input tensor of a batch (positional or keyword): an :class:`EarlyExitNet` takes one."""
+    found = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+    if len(found) != 1:
+        names = [f"#{i}" for i in range(len(args))] + list(kwargs)
+        raise DataError(f"an early-exit network takes one input tensor; the batch has {len(found)} inputs ({', '.join(names)})")
+    return found[0]
+
+
+def _routing_task(task: Task | str | None) -> Task:
+    task = resolve_task(task)
+    if task.metric_name == "mse":
+        raise ConfigError("task", f"early exits route by the softmax entropy of class logits; task {task.name!r} is a regression")
+    return task
 
 
 class EarlyExitNet(nn.Module):
@@ -157,7 +188,7 @@ class EarlyExitNet(nn.Module):
                 z = self.heads[k](h)
                 if logits is None:
                     logits = z.new_empty((n, *z.shape[1:]))
-                hk = entropy(z)
+                hk = sample_entropy(z)
                 leave = hk < thr[k]
                 idx = active[leave]
                 logits[idx], exit_index[idx], ent[idx] = z[leave], k, hk[leave]
@@ -169,7 +200,7 @@ class EarlyExitNet(nn.Module):
                     break
         assert logits is not None
         if active.numel():
-            logits[active], ent[active] = h.to(logits.dtype), entropy(h)
+            logits[active], ent[active] = h.to(logits.dtype), sample_entropy(h)
         return ExitDecision(logits, exit_index, ent)
 
 
@@ -204,35 +235,40 @@ def exit_thresholds(thresholds: float | Sequence[float], num_early: int) -> tupl
 # ---------------------------------------------------------------------------------- training
 
 
-def early_exit_loss(logits: Sequence[torch.Tensor], targets: torch.Tensor, weights: Sequence[float] | None = None) -> torch.Tensor:
-    """BranchyNet's joint loss ``L = sum_k w_k * CE(z_k, y)`` over the exits' logits (``w_k = 1`` by default)."""
+def early_exit_loss(logits: Sequence[torch.Tensor], targets: Any, weights: Sequence[float] | None = None,
+                    task: Task | None = None) -> torch.Tensor:
+    """BranchyNet's joint loss ``L = sum_k w_k * CE(z_k, y)`` over the exits' logits (``w_k = 1`` by
+    default); ``CE`` is ``task``'s loss (classification's cross-entropy when None)."""
+    task = task or DEFAULT_TASK
     w = [1.0] * len(logits) if weights is None else list(weights)
     if len(w) != len(logits):
         raise ConfigError("weights", f"expected one weight per exit ({len(logits)}), got {len(w)}")
-    return sum((wk * F.cross_entropy(z, targets) for wk, z in zip(w, logits)), logits[0].new_zeros(()))
+    return sum((wk * task.compute_loss(z, targets) for wk, z in zip(w, logits)), logits[0].new_zeros(()))
 
 
 class _JointExits(nn.Module):
-    """Trainer adapter: in training mode the exits' logits side by side ``(N, K * C)`` for the joint
-    loss; in eval mode the final exit's logits, so the Trainer's validation error is the full net's."""
+    """Trainer adapter: in training mode the exits' logits stacked ``(K, N, ...)`` for the joint loss;
+    in eval mode the final exit's logits, so the Trainer's validation metric is the full net's."""
 
     def __init__(self, net: EarlyExitNet):
         super().__init__()
         self.net = net
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        x = _single_input(args, kwargs)
         if not self.training:
             return self.net(x)
-        return torch.cat([z.flatten(1) for z in self.net.exit_logits(x)], dim=1)
+        return torch.stack(self.net.exit_logits(x), dim=0)
 
 
 class _JointLoss:
-    def __init__(self, weights: Sequence[float], num_exits: int):
+    def __init__(self, weights: Sequence[float], num_exits: int, task: Task):
         self.weights = list(weights)
         self.num_exits = num_exits
+        self.task = task
 
-    def __call__(self, joined: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return early_exit_loss(list(joined.chunk(self.num_exits, dim=1)), y, self.weights)
+    def __call__(self, stacked: torch.Tensor, y: Any) -> torch.Tensor:
+        return early_exit_loss(list(stacked.unbind(0)), y, self.weights, self.task)
 
 
 def train_early_exit(
@@ -241,17 +277,20 @@ def train_early_exit(
     val_data: Dataset | DataLoader | None = None,
     train_config: TrainConfig | Mapping[str, Any] | None = None,
     weights: Sequence[float] | None = None,
+    *,
+    task: Task | str | None = None,
 ) -> TrainResult:
     """Train the backbone and all exits jointly on ``sum_k w_k CE(z_k, y)`` (BranchyNet) with the one
-    Trainer; the validation error it reports is the final exit's. Every exit must give logits of the
-    same shape."""
+    Trainer, ``CE`` the task's loss; the validation metric it reports is the final exit's. Every exit
+    must give logits of the same shape."""
+    task = _routing_task(task)
     w = [1.0] * net.num_exits if weights is None else [float(v) for v in weights]
     if len(w) != net.num_exits:
         raise ConfigError("weights", f"expected one weight per exit ({net.num_exits}), got {len(w)}")
     for i, v in enumerate(w):
         if not (math.isfinite(v) and v >= 0):
             raise ConfigError(f"weights[{i}]", f"must be a finite number >= 0, got {v}")
-    return Trainer(_JointExits(net), train_config, loss_fn=_JointLoss(w, net.num_exits)).fit(train_data, val_data)
+    return Trainer(_JointExits(net), train_config, task=task, loss_fn=_JointLoss(w, net.num_exits, task)).fit(train_data, val_data)
 
 
 # ---------------------------------------------------------------------------------- measuring
@@ -306,7 +345,8 @@ def exit_costs(net: EarlyExitNet, example_input: torch.Tensor, count: Literal["d
 class ExitPoint:
     """Early-exit inference on a data set at one setting of the thresholds.
 
-    ``error``: top-1 error of the routed predictions; ``avg_macs``: mean MACs per example;
+    ``error``: the task's metric of the routed predictions (top-1 error by default, perplexity for a
+    language model); ``avg_macs``: mean MACs per example;
     ``exit_counts``: examples per exit; ``exit_index``: the exit each example took (in data order).
     """
 
@@ -348,8 +388,9 @@ class ExitCurve:
         return tuple(p.avg_macs for p in self.points)
 
 
-def _loader(data: Dataset | DataLoader, batch_size: int) -> DataLoader:
-    return data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size, shuffle=False)
+def _split(task: Task, batch: Any) -> tuple[torch.Tensor, Any]:
+    inputs, y = task.split(batch)
+    return _single_input(inputs.args, inputs.kwargs), y
 
 
 @torch.no_grad()
@@ -359,24 +400,32 @@ def evaluate_early_exit(
     thresholds: float | Sequence[float],
     costs: ExitCosts | None = None,
     batch_size: int = 1000,
+    task: Task | str | None = None,
 ) -> ExitPoint:
-    """Route every example of ``data`` (eval mode) with the entropy ``thresholds``; measure error, mean
-    MACs per example (``costs.per_exit`` weighted by the exits taken) and the exit of each example."""
+    """Route every example of ``data`` (eval mode) with the entropy ``thresholds``; measure the task's
+    metric (top-1 error by default), mean MACs per example (``costs.per_exit`` weighted by the exits
+    taken) and the exit of each example."""
+    task = _routing_task(task)
     thr = exit_thresholds(thresholds, len(net.heads))
     param = next(net.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     was_training = net.training
     net.eval()
-    wrong = total = 0
+    metric = task.metric()
+    total = 0
     taken = []
     try:
-        for x, y in _loader(data, batch_size):
-            x, y = x.to(device), y.to(device)
+        for batch in batches(data, batch_size):
+            x, y = _split(task, batch)
+            x, y = x.to(device), (y.to(device) if isinstance(y, torch.Tensor) else y)
             if costs is None:
                 costs = exit_costs(net, x)
             decision = net.route(x, thr)
-            wrong += int((decision.logits.argmax(1) != y).sum())
-            total += int(y.numel())
+            try:
+                metric.update(decision.logits, y)
+            except (RuntimeError, ValueError, IndexError, TypeError) as err:
+                raise DataError(f"task {task.name!r}: the metric {metric.name!r} failed: {_first_line(err)}") from None
+            total += int(x.shape[0])
             taken.append(decision.exit_index.cpu())
     finally:
         net.train(was_training)
@@ -386,7 +435,7 @@ def evaluate_early_exit(
     counts = torch.bincount(exit_index, minlength=net.num_exits)
     per_exit = torch.tensor(costs.per_exit, dtype=torch.float64)
     avg = float((counts.to(torch.float64) * per_exit).sum()) / total
-    return ExitPoint(thr, wrong / total, avg, tuple(int(c) for c in counts), exit_index, costs.backbone_macs)
+    return ExitPoint(thr, float(metric.compute()), avg, tuple(int(c) for c in counts), exit_index, costs.backbone_macs)
 
 
 def sweep_thresholds(
@@ -395,16 +444,21 @@ def sweep_thresholds(
     thresholds: Sequence[float | Sequence[float]],
     costs: ExitCosts | None = None,
     batch_size: int = 1000,
+    task: Task | str | None = None,
 ) -> ExitCurve:
-    """The error / MACs trade-off curve: :func:`evaluate_early_exit` at each threshold setting (a number
-    for every exit, or one per early exit). With one shared threshold, a larger threshold lets each
-    example leave no later, so mean MACs never grow with it."""
+    """The metric / MACs trade-off curve: :func:`evaluate_early_exit` at each threshold setting (a
+    number for every exit, or one per early exit). With one shared threshold, a larger threshold lets
+    each example leave no later, so mean MACs never grow with it."""
+    task = _routing_task(task)
     if not thresholds:
         raise ConfigError("thresholds", "give at least one threshold setting")
     if costs is None:
-        x = next(iter(_loader(data, 1)))[0]
-        costs = exit_costs(net, x)
-    points = tuple(evaluate_early_exit(net, data, t, costs, batch_size) for t in thresholds)
+        for batch in batches(data, 1):
+            costs = exit_costs(net, _split(task, batch)[0])
+            break
+        else:
+            raise DataError("sweep_thresholds: the data set is empty")
+    points = tuple(evaluate_early_exit(net, data, t, costs, batch_size, task) for t in thresholds)
     return ExitCurve(points, costs)
 
 
@@ -416,6 +470,7 @@ __all__ = [
     "ExitPoint",
     "early_exit_loss",
     "entropy",
+    "sample_entropy",
     "evaluate_early_exit",
     "exit_costs",
     "exit_thresholds",
