@@ -285,3 +285,34 @@ def test_relative_paths_start_at_the_recipe_folder(user_pkg, tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     r = load_recipe(path)
     assert r.data == str(sub / "tokens.npz") and len(r.load_data().train) == 600
+
+
+def test_a_user_model_run_resumes_to_the_same_result(user_pkg, tmp_path, monkeypatch):
+    from netshrink.train import Trainer
+
+    ft = {"epochs": 2, "lr": 0.02, "batch_size": 32, "progress": False}
+    recipe = parse_recipe(_recipe(user_pkg, train={"epochs": 3, "lr": 0.1, "batch_size": 32, "progress": False}, stages=[
+        {"method": "magnitude", "sparsity": 0.5, "layers": ["hidden", "head"], "finetune": ft},
+        {"method": "kmeans", "bits": 4, "layers": ["hidden", "head"], "finetune": ft},
+        {"method": "huffman"},
+    ]))
+    straight = run_recipe(recipe, tmp_path / "a", progress=False)
+    calls = {"n": 0}
+    real = Trainer._run_epoch
+
+    def flaky(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:  # (the baseline is cached) the 2nd fine-tuning epoch after k-means: stage 1 is packed
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "_run_epoch", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, tmp_path / "b", progress=False)
+    assert (tmp_path / "b" / "stages" / "01-magnitude.nsk").exists() and not (tmp_path / "b" / "model.nsk").exists()
+    monkeypatch.setattr(Trainer, "_run_epoch", real)
+    resumed = run_recipe(recipe, tmp_path / "b", resume=True, progress=False)
+    assert [(r.stage, r.test_error, r.nonzeros, r.bytes) for r in resumed.rows] == [
+        (r.stage, r.test_error, r.nonzeros, r.bytes) for r in straight.rows
+    ]
+    assert (tmp_path / "a" / "model.nsk").read_bytes() == (tmp_path / "b" / "model.nsk").read_bytes()
