@@ -122,8 +122,13 @@ class Speed:
         return out
 
 
-def example_arg(example: Any) -> Any:
-    """What :mod:`netshrink.metrics` takes as an example input: the tensor of a one-tensor input, else the Inputs."""
+def example_arg(example: Any, model: nn.Module | None = None) -> Any:
+    """What :mod:`netshrink.metrics` takes as an example input: the tensor of a one-tensor input, else the
+    Inputs; on ``model``'s device when given (a model trained on CUDA stays there)."""
+    if model is not None and isinstance(example, Inputs):
+        param = next(model.parameters(), None)
+        if param is not None:
+            example = example.to(param.device)
     if isinstance(example, Inputs) and len(example.args) == 1 and not example.kwargs and isinstance(example.args[0], torch.Tensor):
         return example.args[0]
     return example
@@ -150,7 +155,7 @@ def measure_speed(baseline: nn.Module, compressed: nn.Module, example: Any) -> S
     one = example_arg(example)
     models = {"baseline": baseline, "compressed": compressed}
     if not isinstance(one, torch.Tensor):  # several inputs or keyword inputs: time through _Replay
-        models = {k: _Replay(m, example) for k, m in models.items()}
+        models = {k: _Replay(m, example_arg(example, m)) for k, m in models.items()}
         one = torch.zeros(1, dtype=torch.long)
     timed = metrics.compare_latency(models, one, batch_sizes=(1, 64), runs=20)
     sizes = list(timed["baseline"])
@@ -159,8 +164,8 @@ def measure_speed(baseline: nn.Module, compressed: nn.Module, example: Any) -> S
         baseline_ms=[timed["baseline"][b].median_ms for b in sizes],
         compressed_ms=[timed["compressed"][b].median_ms for b in sizes],
         threads=timed["baseline"][sizes[0]].threads,
-        macs_baseline=int(metrics.macs(baseline, example_arg(example)).dense),
-        macs_compressed=int(metrics.macs(compressed, example_arg(example)).dense),
+        macs_baseline=int(metrics.macs(baseline, example_arg(example, baseline)).dense),
+        macs_compressed=int(metrics.macs(compressed, example_arg(example, compressed)).dense),
     )
 
 
@@ -241,7 +246,7 @@ def _measure(model: nn.Module, splits, example: Any, coding: str, stage: str, me
     nnz = metrics.count_nonzeros(model)
     fp32 = metrics.fp32_bytes(model)
     size = fp32 if packed is None else packed
-    mac = metrics.macs(model, example_arg(example))
+    mac = metrics.macs(model, example_arg(example, model))
     return Row(
         stage=stage,
         method=method,
