@@ -10,7 +10,9 @@ batch axis, and integer inputs of shape ``(batch, length)`` (token ids) a dynami
 (the output's axis 1 too). A model that returns a tuple, dict or ``transformers`` ModelOutput is
 exported through :func:`netshrink.task.output_tensor` (the logits). PyTorch's fused attention fast
 path (``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer`` in inference) has no ONNX form: it is
-switched off while tracing, so the unfused ops are exported.
+switched off while tracing; and each ``nn.MultiheadAttention`` of the exported copy is converted to
+separate q/k/v/out projections (:func:`netshrink._attention.convert_attention_`, equal outputs), whose
+traced graph keeps the sequence length dynamic.
 
 int8 (static, QDQ format of the ONNX standard; Jacob et al., CVPR 2018): the quantization is ours,
 not the runtime's -- every layer quantized by :func:`netshrink.quantize.quantize_` (``Int8Config`` or
@@ -180,14 +182,26 @@ def _layer_quant(model: nn.Module) -> dict[str, tuple[Any, Any]]:
 
 
 def _plain_copy(model: nn.Module) -> nn.Module:
-    """A float copy: parametrizations made permanent, input quantizers removed, eval mode, on the CPU."""
+    """A float copy: parametrizations made permanent, input quantizers removed, attention converted, eval mode, on the CPU."""
     from .prune._mask import make_permanent
     from .quantize.fake import remove_input_quant
 
     m = copy.deepcopy(model).cpu().eval()
     for mod in m.modules():
         remove_input_quant(mod)
-    return make_permanent(m)
+    m = make_permanent(m)
+    _convert_attention(m)
+    return m
+
+
+def _convert_attention(m: nn.Module) -> None:
+    """``nn.MultiheadAttention`` -> separate q/k/v/out projections (equal outputs; its functional form bakes
+    the sequence length into the traced graph). One that cannot be converted is exported as it is."""
+    from ._attention import attention_modules, convert_attention_, why_not_convertible
+
+    names = [n for n, a in attention_modules(m).items() if n and why_not_convertible(a) is None]
+    if names:
+        convert_attention_(m, names)
 
 
 @contextlib.contextmanager

@@ -281,3 +281,24 @@ def test_multihead_attention_int8_ptq_sees_every_projection(tmp_path):
     sim = q(x).detach().numpy()
     got = ort_predict(ort_session(res3.path, threads=1), x)
     assert np.abs(got - sim).max() <= 0.02 * np.abs(sim).max()
+
+
+def test_dynamic_axes_given_by_the_user(tmp_path):
+    torch.manual_seed(0)
+    m = _MHAClassifier().eval()
+    res = export_onnx(m, tmp_path / "mha.onnx", torch.randn(2, 5, 16), dynamic_axes={"input": {0: "batch", 1: "sequence"}, "output": {0: "batch"}})
+    s = ort_session(res.path, threads=1)
+    x = torch.randn(4, 9, 16)  # a length the example did not have
+    np.testing.assert_allclose(ort_predict(s, x), m(x).detach().numpy(), atol=1e-5, rtol=1e-4)
+    from netshrink.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="dynamic_axes.nope"):
+        export_onnx(m, tmp_path / "bad.onnx", torch.randn(2, 5, 16), dynamic_axes={"nope": {0: "b"}})
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_example_inputs_the_model_rejects_are_one_line(tmp_path):
+    m = _TwoInputs().eval()
+    with pytest.raises(ModelError, match="rejects the example inputs") as exc:
+        export_onnx(m, tmp_path / "x.onnx", torch.randn(2, 6))  # forward needs two inputs
+    assert "\n" not in str(exc.value) and not (tmp_path / "x.onnx").exists()

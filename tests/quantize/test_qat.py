@@ -97,3 +97,21 @@ def test_qat_config_checks():
         QATConfig.from_dict({"bits": 9})
     assert ei.value.field == "bits"
     assert QATConfig().method == "qat" and QATConfig().bits == 4
+
+
+def test_qat_folds_batchnorm_first_and_exports_to_int8(tmp_path):
+    from netshrink.export import export_onnx, ort_predict, ort_session
+
+    torch.manual_seed(0)
+    splits = digits()
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+    ns.Trainer(net, ns.TrainConfig(epochs=1, lr=0.05, batch_size=32, progress=False)).fit(splits.train)
+    res = quantize_(net, QATConfig(bits=8), data=splits)
+    assert res.bn_folded == {"1": "0"} and not isinstance(net[1], nn.BatchNorm2d)
+    ns.Trainer(net, ns.TrainConfig(epochs=1, lr=0.01, batch_size=32, progress=False)).fit(splits.train)
+    net.eval()
+    exp = export_onnx(net, tmp_path / "qat.onnx", (1, 8, 8), int8=True)
+    assert set(exp.quantized) == {"0", "4"}
+    x = splits.test.tensors[0][:64]
+    sim = net(x).detach().numpy()
+    assert abs(ort_predict(ort_session(exp.path), x) - sim).max() <= 0.05 * abs(sim).max()
