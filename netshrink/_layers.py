@@ -54,7 +54,8 @@ V = TypeVar("V")
 def is_gpt2_conv1d(module: nn.Module) -> bool:
     """transformers' ``Conv1D``: ``y = x @ W + b`` with ``W`` of shape ``(nx, nf)`` = (in, out)."""
     w = getattr(module, "weight", None)
-    return (type(module).__name__ == "Conv1D" and hasattr(module, "nx") and hasattr(module, "nf")
+    # by class name (a parametrized module's class is a generated subclass: look along the MRO)
+    return (any(c.__name__ == "Conv1D" for c in type(module).__mro__) and hasattr(module, "nx") and hasattr(module, "nf")
             and w is not None and w.dim() == 2 and tuple(w.shape) == (module.nx, module.nf))
 
 
