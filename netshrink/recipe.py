@@ -265,25 +265,19 @@ def check_input(model, data_name: str, field: str) -> None:
     try:
         with torch.no_grad():
             model.eval()(torch.zeros(2, *shape))
-    except RuntimeError as err:
+    except NetshrinkError:
+        raise
+    except Exception as err:  # a user's model may raise anything on inputs it does not take
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(field, f"the model does not take {data_name} inputs of shape {shape}: {first}") from None
 
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a YAML recipe file; any problem is one :class:`ConfigError` line."""
+    from ._inputs import load_yaml
+
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise NetshrinkError(f"{path}: cannot read recipe ({err.strerror or err})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError("recipe", f"{path}: not valid YAML{where}: {problem}") from None
+    data = load_yaml(path)  # size-bounded, safe loader, no aliases (netshrink._inputs)
     return parse_recipe(data, base=path.parent)
 
 

@@ -316,3 +316,11 @@ def test_a_user_model_run_resumes_to_the_same_result(user_pkg, tmp_path, monkeyp
         (r.stage, r.test_error, r.nonzeros, r.bytes) for r in straight.rows
     ]
     assert (tmp_path / "a" / "model.nsk").read_bytes() == (tmp_path / "b" / "model.nsk").read_bytes()
+
+
+def test_a_user_model_that_rejects_a_built_in_data_set_is_caught_at_parse_time(user_pkg, tmp_path, capsys):
+    path = _write(tmp_path, _recipe(user_pkg, data="digits"))  # the token model cannot take images
+    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "data: the model does not take digits inputs of shape (1, 8, 8)" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
