@@ -1,0 +1,197 @@
+"""The int8 QDQ rewrite of a traced fp32 ONNX graph (see :mod:`netshrink.export`): each quantized layer's
+weight becomes ``DequantizeLinear(W_q, s_w)`` of its integer codes, its input a ``QuantizeLinear`` ->
+``DequantizeLinear`` pair at the calibrated ``s_x, z_x``, its bias int32 codes at scale ``s_x s_w``
+(Jacob et al., CVPR 2018), and the input's pair is moved back through max-pooling and reshaping."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .errors import ModelError
+
+#: ops through which a per-tensor Q/DQ pair is moved back unchanged (a monotone quantizer commutes with them)
+_PASS_THROUGH = ("MaxPool", "Flatten", "Reshape")
+
+
+
+class _Graph:
+    """Small editing helper over an ONNX graph: initializers, producers, consumers, unique names."""
+
+    def __init__(self, proto: Any):
+        from onnx import numpy_helper
+
+        self.np = numpy_helper
+        self.g = proto.graph
+        self.inits = {i.name: i for i in self.g.initializer}
+        self.new_nodes: list[Any] = []
+        self.names: set[str] = set(self.inits) | {o for n in self.g.node for o in n.output} | {i.name for i in self.g.input}
+        self.producer = {o: n for n in self.g.node for o in n.output}
+
+    def consumers(self, tensor: str) -> list[tuple[Any, int]]:
+        return [(n, i) for n in list(self.g.node) + self.new_nodes for i, t in enumerate(n.input) if t == tensor]
+
+    def fresh(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.names:
+            name, k = f"{base}_{k}", k + 1
+        self.names.add(name)
+        return name
+
+    def add_init(self, base: str, arr: np.ndarray) -> str:
+        name = self.fresh(base)
+        self.g.initializer.append(self.np.from_array(arr, name))
+        self.inits[name] = self.g.initializer[-1]
+        return name
+
+    def array(self, name: str) -> np.ndarray:
+        return self.np.to_array(self.inits[name])
+
+    def drop_init(self, name: str) -> None:
+        if not self.consumers(name):
+            self.g.initializer.remove(self.inits.pop(name))
+
+    def node(self, op: str, inputs: list[str], base: str, **attrs: Any) -> str:
+        from onnx import helper
+
+        out = self.fresh(base)
+        self.new_nodes.append(helper.make_node(op, inputs, [out], name=self.fresh(f"{base}_node"), **attrs))
+        self.producer[out] = self.new_nodes[-1]
+        return out
+
+    def qdq(self, tensor: str, scale: float, zero: int, signed: bool) -> str:
+        """``DequantizeLinear(QuantizeLinear(tensor))`` per tensor; returns the DQ output's name."""
+        s = self.add_init(f"{tensor}_scale", np.array(scale, dtype=np.float32))
+        z = self.add_init(f"{tensor}_zero_point", np.array(zero, dtype=np.int8 if signed else np.uint8))
+        q = self.node("QuantizeLinear", [tensor, s, z], f"{tensor}_quantized")
+        return self.node("DequantizeLinear", [q, s, z], f"{tensor}_dequantized")
+
+    def finish(self) -> None:
+        """Put the new nodes in and order the graph topologically (ONNX requires it)."""
+        nodes = list(self.g.node) + self.new_nodes
+        ready = set(self.inits) | {i.name for i in self.g.input} | {""}
+        ordered, pending = [], nodes
+        while pending:
+            rest = [n for n in pending if not all(i in ready for i in n.input)]
+            done = [n for n in pending if all(i in ready for i in n.input)]
+            if not done:
+                raise ModelError("int8 export: the edited ONNX graph has a cycle or a dangling input")
+            for n in done:
+                ordered.append(n)
+                ready.update(n.output)
+            pending = rest
+        del self.g.node[:]
+        self.g.node.extend(ordered)
+
+
+def _gemm_ok(node: Any) -> bool:
+    attrs = {a.name: a for a in node.attribute}
+    trans_a = attrs["transA"].i if "transA" in attrs else 0
+    trans_b = attrs["transB"].i if "transB" in attrs else 0
+    alpha = attrs["alpha"].f if "alpha" in attrs else 1.0
+    beta = attrs["beta"].f if "beta" in attrs else 1.0
+    return trans_a == 0 and trans_b == 1 and alpha == 1.0 and beta == 1.0
+
+
+def _channel_view(v: np.ndarray, ndim: int) -> np.ndarray:
+    return v.reshape((-1,) + (1,) * (ndim - 1)) if v.ndim else v
+
+
+def _transposed_copy(gr: _Graph, w: np.ndarray | None) -> str | None:
+    """The initializer holding ``w.T`` as the weight of one MatMul (a Linear on inputs of more than 2 dims,
+    whose weight torch's exporter transposes by constant folding), or None."""
+    if w is None or w.ndim != 2:
+        return None
+    wt = w.T
+    for name, init in gr.inits.items():
+        if tuple(init.dims) != wt.shape:
+            continue
+        uses = gr.consumers(name)
+        if len(uses) == 1 and uses[0][1] == 1 and uses[0][0].op_type == "MatMul" and np.array_equal(gr.array(name), wt):
+            return name
+    return None
+
+
+def _quantize_layer(
+    gr: _Graph, name: str, wqp: Any, aqp: Any, unsigned_weights: bool, prefix: str = "", hint: str = "", weight: np.ndarray | None = None
+) -> tuple[bool, bool]:
+    wname = f"{prefix}{name}.weight"
+    matmul = False
+    if wname not in gr.inits:
+        alt = _transposed_copy(gr, weight)
+        if alt is not None:
+            wname, matmul = alt, True
+    uses = gr.consumers(wname)
+    if wname not in gr.inits or len(uses) != 1 or uses[0][1] != 1 or uses[0][0].op_type not in ("Gemm", "Conv", "MatMul"):
+        found = ", ".join(sorted({n.op_type for n, _ in uses})) or "none"
+        raise ModelError(f"int8 export: the weight of layer {name!r} did not become the weight of one Gemm/Conv/MatMul node in the ONNX graph "
+                         f"(consumers: {found}){hint}")
+    node = uses[0][0]
+    if node.op_type == "Gemm" and not _gemm_ok(node):
+        raise ModelError(f"int8 export: layer {name!r} became a Gemm with transposes or scaling that the exporter does not handle")
+    w = gr.array(wname).astype(np.float32)
+    if matmul:
+        w = w.T  # (out, in) as the quantizer's channels: the codes are transposed back below
+    quant_w = wqp is not None and wqp.bits <= 8
+    s_w = None
+    if quant_w:
+        s_w = wqp.scale.detach().cpu().numpy().astype(np.float32)
+        z_w = wqp.zero_point.detach().cpu().numpy()
+        codes = np.round(w / _channel_view(s_w, w.ndim)) + _channel_view(z_w, w.ndim)
+        lo, hi = (-128, 127) if wqp.signed else (0, 255)
+        codes = np.clip(codes, lo, hi)
+        if wqp.signed and unsigned_weights:  # the same values as uint8 codes with zero point 128
+            codes, z_w = codes + 128, z_w + 128
+        codes = codes.astype(np.int8 if wqp.signed and not unsigned_weights else np.uint8)
+        if matmul:
+            codes = np.ascontiguousarray(codes.T)
+        qi = gr.add_init(f"{wname}_quantized", codes)
+        si = gr.add_init(f"{wname}_scale", s_w)
+        zi = gr.add_init(f"{wname}_zero_point", z_w.astype(codes.dtype))
+        attrs = {"axis": 1 if matmul else 0} if s_w.ndim else {}
+        node.input[1] = gr.node("DequantizeLinear", [qi, si, zi], f"{wname}_dequantized", **attrs)
+        gr.drop_init(wname)
+    if aqp is None:
+        return quant_w, False
+    s_x, z_x = float(aqp.scale), int(aqp.zero_point)
+    node.input[0] = gr.qdq(node.input[0], s_x, z_x, aqp.signed)
+    if quant_w and len(node.input) > 2 and node.input[2] in gr.inits:
+        bname = node.input[2]
+        s_b = (np.float32(s_x) * s_w).astype(np.float32)
+        bq = np.round(gr.array(bname).astype(np.float64) / s_b.astype(np.float64))
+        bq = np.clip(bq, -(2**31), 2**31 - 1).astype(np.int32)
+        si = gr.add_init(f"{bname}_scale", s_b)
+        zi = gr.add_init(f"{bname}_zero_point", np.zeros(s_b.shape, dtype=np.int32))
+        qi = gr.add_init(f"{bname}_quantized", bq)
+        node.input[2] = gr.node("DequantizeLinear", [qi, si, zi], f"{bname}_dequantized", **({"axis": 0} if s_b.ndim else {}))
+        gr.drop_init(bname)
+    # move a copy of the input's Q/DQ back through max-pooling and reshaping (exact; lets ORT fuse)
+    dq = gr.producer[node.input[0]]
+    q = gr.producer[dq.input[0]]
+    src = q.input[0]
+    while src in gr.producer and gr.producer[src].op_type in _PASS_THROUGH and len(gr.consumers(src)) == 1:
+        p = gr.producer[src]
+        before = p.input[0]
+        p.input[0] = gr.qdq(before, s_x, z_x, aqp.signed)
+        src = before
+    return quant_w, True
+
+
+def int8_graph(
+    proto: Any, quant: dict[str, tuple[Any, Any]], unsigned_weights: bool, prefix: str = "", hints: dict[str, str] | None = None,
+    weights: dict[str, np.ndarray] | None = None,
+) -> tuple[list[str], list[str]]:
+    gr = _Graph(proto)
+    wl, al = [], []
+    for name, (wqp, aqp) in quant.items():
+        w, a = _quantize_layer(gr, name, wqp, aqp, unsigned_weights, prefix, (hints or {}).get(name, ""), (weights or {}).get(name))
+        if w:
+            wl.append(name)
+        if a:
+            al.append(name)
+    gr.finish()
+    return wl, al
+
+
+__all__ = ["int8_graph"]
