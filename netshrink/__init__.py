@@ -8,6 +8,8 @@
     restored = ns.load("model.nsk", model=fresh_instance)
 """
 
+from ._attention import convert_attention_
+from ._coverage import Coverage
 from ._modules import register_module
 from ._registry import handler as method_handler, list_methods, register as register_method
 from .data import load_data, register_dataset
@@ -65,6 +67,8 @@ __all__ = [
     "register_method",
     "method_handler",
     "register_module",
+    "convert_attention_",
+    "Coverage",
     "load_data",
     "load_recipe",
     "parse_recipe",
