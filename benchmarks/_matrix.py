@@ -452,9 +452,22 @@ RUNNERS: dict[str, Callable[[Ctx], str]] = {
 # ----------------------------------------------------------------------------------------- cells
 
 
+#: zoo models that take token ids (a causal language model, fed :func:`benchmarks._archs.token_stream`)
+ZOO_LM = ("llama_tiny",)
+
+
 def zoo_arch(name: str) -> Arch:
-    """A zoo model as an :class:`Arch` (random seeded weights, 256 digits / MNIST-shaped images)."""
-    from benchmarks._archs import _seeded, digits
+    """A zoo model as an :class:`Arch` (random seeded weights; 256 digits upsampled to MNIST-shaped
+    images, or token sequences for a zoo language model)."""
+    from benchmarks._archs import _seeded, digits, token_stream
+
+    if name in ZOO_LM:
+        def build_lm() -> tuple[nn.Module, Any]:
+            from netshrink.models import build_model
+
+            return _seeded(lambda: build_model(name)), token_stream()
+
+        return Arch(f"zoo:{name}", build_lm, "language_modeling", causal_lm=False)
 
     def build() -> tuple[nn.Module, Any]:
         from netshrink.models import build_model
@@ -519,4 +532,4 @@ def run_cell(arch_name: str, method: str, work: str | Path | None = None) -> Cel
             tmp.cleanup()
 
 
-__all__ = ["APPLIES", "Cell", "FINE", "METHODS", "OUTCOMES", "RUNNERS", "get_arch", "run_cell", "zoo_arch"]
+__all__ = ["APPLIES", "Cell", "FINE", "ZOO_LM", "METHODS", "OUTCOMES", "RUNNERS", "get_arch", "run_cell", "zoo_arch"]

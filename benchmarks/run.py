@@ -77,9 +77,12 @@ def main(argv=None) -> int:
     for name in args.only or sorted(SUITES):
         command = "python -m benchmarks.run --only " + name
         rows = SUITES[name](WORK / name, RESULTS, resume=not args.fresh, machine=machine_lines(command))
-        (RESULTS / f"{name}.json").write_text(
-            json.dumps({"command": command, "date": machine_lines()[0][8:], "rows": [r.__dict__ for r in rows]}, indent=2)
-        )
+        payload = {"command": command, "date": machine_lines()[0][8:], "rows": [r.__dict__ for r in rows]}
+        extra = WORK / name / "json_extra.json"  # a suite's own machine-readable results beside its rows
+        if extra.exists():
+            payload.update(json.loads(extra.read_text()))
+            extra.unlink()
+        (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
         print(f"suite {name}: {len(rows)} rows", file=sys.stderr)
     print(write_summary())
     return 0
