@@ -303,7 +303,7 @@ def sequential(
     """
     import fnmatch
 
-    task = resolve_task(task) if not isinstance(task, Task) else task
+    task = task if isinstance(task, Task) else lm_task(task)
     if not isinstance(samples, int) or samples < 1:
         raise ConfigError("samples", f"must be a positive integer, got {samples!r}")
     path, mods = find_blocks(model, blocks)
