@@ -44,3 +44,27 @@ def test_user_module_full_pipeline(tmp_path):
     assert ns.error_rate(restored, splits.test) < dense_err + 0.1
     info = ns.read_info(tmp_path / "user.nsk")
     assert info.model["user_supplied"] is True
+
+
+def test_models_and_data_sets_registered_from_python_serve_recipes(monkeypatch):
+    from netshrink import data, models
+    from netshrink.data import Splits, digits
+
+    monkeypatch.setattr(models, "_MODELS", models._MODELS.copy())
+    monkeypatch.setattr(data, "_DATASETS", data._DATASETS.copy())
+
+    @ns.register_model("api_net")
+    def api_net(width: int = 8) -> nn.Module:
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.ReLU(), nn.Linear(width, 10))
+
+    @ns.register_dataset("api_digits")
+    def api_digits(seed: int = 0) -> Splits:
+        return digits(seed=seed)
+
+    r = ns.parse_recipe({"model": "api_net", "model_args": {"width": 12}, "data": "api_digits", "data_args": {"seed": 1},
+                         "stages": [{"method": "magnitude", "sparsity": 0.5}]})
+    m = r.build_model()
+    assert m[1].out_features == 12 and m.netshrink_spec == {"zoo": "api_net", "args": {"width": 12}}
+    s = r.load_data()
+    assert s.sizes == digits(seed=1).sizes and torch.equal(s.test[:][1], digits(seed=1).test[:][1])
+    assert ns.load_data("api_digits").name == "digits"
