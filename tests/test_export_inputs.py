@@ -267,6 +267,7 @@ def test_multihead_attention_int8_ptq_sees_every_projection(tmp_path):
     m = _MHAClassifier().eval()
     x = torch.randn(64, 5, 16)
     ref = m(x)
+    Int8Config(layers=["attn.q_proj", "head"]).check_model(m)  # names after conversion are valid up front
     q = copy.deepcopy(m)
     res = quantize_(q, Int8Config(), data=x)
     assert res.converted_attention == ["attn"] and not res.skipped

@@ -103,7 +103,9 @@ class UniformConfig(BaseConfig):
             raise ConfigError("batch_size", f"must be at least 1, got {self.batch_size}")
 
     def check_model(self, model: nn.Module) -> None:
-        per_layer(select_quantizable(model, self.layers, self.method or "uniform"), self.layer_bits, self.bits, "layer_bits")
+        from .._attention import converted_copy  # layer names as quantize_ will see them (MHA converted)
+
+        per_layer(select_quantizable(converted_copy(model, self.layers), self.layers, self.method or "uniform"), self.layer_bits, self.bits, "layer_bits")
 
 
 @register("int8", family="quantize")
