@@ -322,7 +322,10 @@ def _content_key(recipe: Recipe) -> dict[str, Any]:
     if recipe.data_args:
         key["data_args"] = recipe.data_args
     if "task" in recipe.source:
-        key["task"] = recipe.source["task"]
+        key["task"] = spec = recipe.source["task"]
+        name = spec.get("name") if isinstance(spec, dict) else spec
+        if is_object_spec(name):
+            key["task_code"] = _code_digest(name)
     return key
 
 
