@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from .._registry import handler_for
+from .._registry import HandlerContext, handler_for, run_handler
 from ..config import BaseConfig
 from ._common import FactorizeResult, LayerFactorization, energy_rank, ratio_rank
 from .conv import (
@@ -46,10 +46,11 @@ from .svd import (
 )
 
 
-def factorize_(model: nn.Module, config: BaseConfig, data: Any = None) -> FactorizeResult:
+def factorize_(model: nn.Module, config: BaseConfig, data: Any = None, task: Any = None) -> FactorizeResult:
     """Factorize ``model`` in place by the method that ``config``'s type names, e.g.
     ``factorize_(model, SvdConfig(rank=32))``. Returns a :class:`FactorizeResult` (one entry per layer)."""
-    return handler_for(config, family="lowrank")(model, config, data=data)
+    handler_for(config, family="lowrank")  # checks the family
+    return run_handler(model, config, HandlerContext(data=data, task=task))  # data-driven methods read batches through ``task``
 
 
 __all__ = [

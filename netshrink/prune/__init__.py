@@ -6,16 +6,17 @@ from typing import Any
 
 from torch import nn
 
-from .._registry import handler_for
+from .._registry import HandlerContext, handler_for, run_handler
 from ..config import BaseConfig
 from ._mask import Mask, apply_mask, get_mask, make_permanent
 from .magnitude import MagnitudeConfig, PruneResult
 
 
-def prune_(model: nn.Module, config: BaseConfig, data: Any = None) -> Any:
+def prune_(model: nn.Module, config: BaseConfig, data: Any = None, task: Any = None) -> Any:
     """Prune ``model`` in place by the method that ``config``'s type names, e.g.
     ``prune_(model, MagnitudeConfig(sparsity=0.9))``. Returns the method's typed result."""
-    return handler_for(config, family="prune")(model, config, data=data)
+    handler_for(config, family="prune")  # checks the family
+    return run_handler(model, config, HandlerContext(data=data, task=task))  # data-driven methods read batches through ``task``
 
 
 __all__ = ["prune_", "MagnitudeConfig", "PruneResult", "Mask", "apply_mask", "get_mask", "make_permanent"]

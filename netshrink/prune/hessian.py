@@ -173,11 +173,12 @@ def fisher_diagonal(
     inputs = Inputs.of(x)
     lossf = loss_fn(loss, task)
     inner = raw_loss(loss, task)
-    if sampled:
-        gen = generator if generator is not None else torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            out = task.forward(model, inputs)
-        y = _draw_targets(out, y, is_regression(loss, task), gen)
+    with torch.no_grad():
+        out = task.forward(model, inputs)
+        if sampled:
+            gen = generator if generator is not None else torch.Generator().manual_seed(0)
+            y = _draw_targets(out, y, is_regression(loss, task), gen)
+        lossf(out, y)  # the batch's loss once, checked: a loss that is not a scalar is one clear error
     fixed = {n: p.detach() for n, p in model.named_parameters() if n not in params}
     chosen = {n: p.detach() for n, p in params.items()}
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from .._registry import handler_for
+from .._registry import HandlerContext, handler_for, run_handler
 from ..config import BaseConfig
 from ._sharing import SharedWeights, apply_sharing, get_sharing
 from .affine import (
@@ -45,10 +45,11 @@ from .ptq import (
 from .xnor import XnorLinear, to_xnor_
 
 
-def quantize_(model: nn.Module, config: BaseConfig, data: Any = None) -> Any:
+def quantize_(model: nn.Module, config: BaseConfig, data: Any = None, task: Any = None) -> Any:
     """Quantize ``model`` in place by the method that ``config``'s type names, e.g.
     ``quantize_(model, KMeansConfig(bits=5))``. Returns the method's typed result."""
-    return handler_for(config, family="quantize")(model, config, data=data)
+    handler_for(config, family="quantize")  # checks the family
+    return run_handler(model, config, HandlerContext(data=data, task=task))  # data-driven methods read batches through ``task``
 
 
 __all__ = ["quantize_", "KMeansConfig", "ShareResult", "Codebook", "kmeans_1d", "SharedWeights", "apply_sharing", "get_sharing"]
