@@ -360,3 +360,18 @@ def test_load_data_from_an_idx_folder_and_bad_specs(tmp_path):
         data.load_data("imagenet")
     with pytest.raises(ConfigError, match="cannot import 'no_such_module_xyz'"):
         data.load_data("no_such_module_xyz:make")
+
+
+def test_npz_that_declares_a_huge_array_is_refused_before_allocating(tmp_path):
+    import io
+    import zipfile
+
+    from numpy.lib import format as npy
+
+    buf = io.BytesIO()
+    npy.write_array_header_1_0(buf, {"descr": "<f8", "fortran_order": False, "shape": (10**12,)})
+    with zipfile.ZipFile(tmp_path / "huge.npz", "w") as zf:
+        zf.writestr("x.npy", buf.getvalue() + b"\0" * 64)
+        zf.writestr("y.npy", buf.getvalue())
+    with pytest.raises(DataError, match=r"'x.npy' declares"):
+        data.load_npz(tmp_path / "huge.npz")
