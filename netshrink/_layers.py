@@ -300,19 +300,16 @@ def plan_layers(model: nn.Module, patterns: list[str] | None, method: str, *, ki
             plan.skipped[wname] = why
             continue
         if wname in tied_to:  # follows the first layer of its tie group
-            first = tied_to[wname].rsplit(".", 1)[0]
-            if first in candidates and (layer_kind(candidates[first]) in kinds):
-                plan.aliases.setdefault(first, []).append(name)
-                continue
+            plan.aliases.setdefault(tied_to[wname].rsplit(".", 1)[0], []).append(name)
+            continue
         plan.layers[name] = m
-    # an alias whose first layer was not chosen becomes a chosen layer itself
+    # a tied weight follows its first layer; when that one is not compressed, neither is the tie
     for first, followers in list(plan.aliases.items()):
         if first not in plan.layers:
-            plan.layers[followers[0]] = candidates[followers[0]]
-            rest = followers[1:]
             del plan.aliases[first]
-            if rest:
-                plan.aliases[followers[0]] = rest
+            for f in followers:
+                plan.skipped[f"{f}.weight"] = (f"its weight is tied to {first + '.weight'!r} (one storage), which "
+                                               f"{method} does not compress here; the tie is compressed as one or not at all")
     for name, m in _unknown_weight_modules(model).items():
         wname = f"{name}.weight"
         if patterns is not None and not any(fnmatch.fnmatchcase(name, p) for p in patterns):

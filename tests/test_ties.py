@@ -95,3 +95,12 @@ def test_replacing_a_tied_layer_is_refused_with_the_reason():
     assert "tied to 'emb.weight'" in r.coverage.params["emb.weight"].detail
     assert r.coverage.params["fc.weight"].status == "compressed"
     assert m(_tokens()).shape == y.shape
+
+
+def test_a_tie_is_compressed_as_one_or_not_at_all():
+    m = TiedLM()
+    r = magnitude_prune(m, MagnitudeConfig(sparsity=0.5, layers=["lm_head", "fc"]))
+    rec = r.coverage.params["emb.weight"]
+    assert rec.status == "skipped" and "tied to 'emb.weight'" in rec.detail
+    assert not hasattr(m.lm_head, "parametrizations") and m.lm_head.weight is m.emb.weight
+    assert float((m.fc.weight == 0).float().mean()) == 0.5
