@@ -88,7 +88,7 @@ def _fit(m, digits, epochs=6, seed=0):
 def test_bn_cnns_export_to_int8_and_match_the_simulated_model(tmp_path, digits, make):
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = _fit(make(), digits)
+    model = _fit(make(), digits, epochs=3)
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     q = copy.deepcopy(model)
     res = quantize_(q, Int8Config(calibration_samples=256), data=digits)
