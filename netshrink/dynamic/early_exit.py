@@ -153,7 +153,9 @@ class EarlyExitNet(nn.Module):
             heads[k] = nn.Sequential(nn.Flatten(1), nn.Linear(feats[k][0].numel(), classes))
         return cls(stages, heads)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The full network (the final exit): ``net(x)``, or ``net(input_ids=x)`` for a dict batch's one input."""
+        x = _single_input(args, kwargs)
         for stage in self.stages:
             x = stage(x)
         return x

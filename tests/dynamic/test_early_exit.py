@@ -157,3 +157,52 @@ def test_conv_backbone_and_bad_inputs():
         EarlyExitNet([nn.Identity(), nn.Identity()], {1: nn.Identity()})
     with pytest.raises(ModelError, match="2 stages"):
         EarlyExitNet([nn.Identity()], {0: nn.Identity()})
+
+
+# ------------------------------------------------------------------------------ other tasks
+
+
+def _lm_exit_net():
+    from tests._task_models import VOCAB
+
+    torch.manual_seed(0)
+    stages = [nn.Sequential(nn.Embedding(VOCAB, 16), nn.Linear(16, 24), nn.ReLU()), nn.Sequential(nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, VOCAB))]
+    return EarlyExitNet(stages, {0: nn.Linear(24, VOCAB)})  # a per-token head after stage 0
+
+
+def test_early_exit_trains_and_routes_a_language_model_on_dict_batches():
+    from netshrink.dynamic import train_early_exit
+    from netshrink.task import language_modeling
+    from netshrink.train import TrainConfig
+    from tests._task_models import TokenDicts
+
+    torch.set_num_threads(1)
+    task = language_modeling()
+    train, val = TokenDicts(256, seed=1), TokenDicts(64, seed=2)
+    net = _lm_exit_net()
+    before = task.evaluate(net, val)
+    train_early_exit(net, train, None, TrainConfig(epochs=4, lr=0.05, batch_size=32, progress=False, device="cpu"), task=task)
+    final = task.evaluate(net, val)
+    assert final < 0.5 * before
+    everyone_final = evaluate_early_exit(net, val, 0.0, task=task)  # T = 0: nobody leaves early
+    assert everyone_final.exit_counts == (0, 64) and everyone_final.error == pytest.approx(final, rel=1e-6)
+    everyone_first = evaluate_early_exit(net, val, math.inf, task=task)  # T = inf: everybody leaves at exit 0
+    nll = n = 0.0
+    for batch in torch.utils.data.DataLoader(val, batch_size=64):
+        inputs, target = task.split(batch)
+        with torch.no_grad():
+            z = net.eval().exit_logits(inputs.kwargs["input_ids"])[0]
+        nll += float(F.cross_entropy(z.reshape(-1, z.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"))
+        n += int((target != -100).sum())
+    assert everyone_first.exit_counts == (64, 0) and everyone_first.error == pytest.approx(math.exp(nll / n), rel=1e-5)
+    curve = sweep_thresholds(net, val, [0.0, 0.5, 1.5, math.inf], task=task)
+    assert all(b <= a for a, b in zip(curve.avg_macs, curve.avg_macs[1:]))
+
+
+def test_early_exit_refuses_a_regression_task():
+    from netshrink.dynamic import train_early_exit
+
+    net = _lm_exit_net()
+    with pytest.raises(ConfigError) as ei:
+        train_early_exit(net, [], task="regression")
+    assert ei.value.field == "task"

@@ -123,3 +123,50 @@ def test_layerwise_bad_inputs():
         factorize_(model, LayerwiseConfig(method="tucker", args={"rank": 2}, layers=["5"]), data=_data(16))
     with pytest.raises(ConfigError, match="above the full rank"):
         factorize_(model, LayerwiseConfig(method="svd", args={"rank": 65}, layers=["5", "7"]), data=_data(16))
+
+
+# ------------------------------------------------------------------------------ other tasks
+
+
+def test_layerwise_fits_a_regression_model_and_fine_tunes_on_its_mse():
+    import copy
+
+    from netshrink.task import regression
+    from tests._task_models import trained_regressor
+
+    torch.set_num_threads(1)
+    model, train, val = trained_regressor()
+    task = regression()
+    m = copy.deepcopy(model)
+    res = factorize_(m, LayerwiseConfig(method="svd", args={"rank": 4}, layers=["2"], fit_steps=60, fit_lr=0.01,
+                                        finetune_steps=10, finetune_lr=0.01, samples=256, batch_size=64), data=train, task=task)
+    step = res.layers["2"]
+    assert isinstance(m[2], LowRankLinear) and step.output_error < step.fit_from  # the fit lowered the output error
+    assert task.evaluate(m, val) < float(val.tensors[1].var())  # still a regressor
+    from netshrink.errors import DataError
+
+    with pytest.raises(DataError) as ei:  # float targets through the classification loss: one clear line
+        factorize_(copy.deepcopy(model), LayerwiseConfig(method="svd", args={"rank": 4}, layers=["2"], fit_steps=1,
+                                                         finetune_steps=1), data=[(val.tensors[0][:8], val.tensors[1][:8].sum(1))])
+    assert "\n" not in str(ei.value)
+
+
+def test_rank_budget_scores_ranks_by_a_language_models_loss_on_dict_batches():
+    import copy
+
+    from netshrink.task import language_modeling
+    from tests._task_models import trained_lm
+
+    torch.set_num_threads(1)
+    model, train, val = trained_lm()
+    task = language_modeling()
+    m = copy.deepcopy(model)
+    before = sum(p.numel() for p in m.parameters())
+    res = factorize_(m, RankBudgetConfig(params_ratio=0.85, layers=["fc1", "head"], batches=2, batch_size=32), data=train, task=task)
+    after = sum(p.numel() for p in m.parameters())
+    assert after <= 0.85 * before and res.layers
+    assert task.evaluate(m, val) < 3 * task.evaluate(model, val)
+    with pytest.raises(ConfigError) as ei:  # a MACs budget: the example comes from the dict batches
+        factorize_(copy.deepcopy(model), RankBudgetConfig(macs_ratio=0.01, layers=["fc1", "head"], levels=[0.5], batches=1),
+                   data=train, task=task)
+    assert ei.value.field == "macs_ratio"

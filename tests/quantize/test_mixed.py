@@ -154,3 +154,21 @@ def test_a_recipe_stage_allocates_fine_tunes_and_packs_at_the_chosen_bits(digits
     x = digits().test.tensors[0][:64]
     res.model.eval()
     assert torch.equal(load_nsk(res.model_path)(x), res.model(x))
+
+
+def test_mixed_precision_on_a_language_model_with_dict_batches():
+    from netshrink.task import language_modeling
+    from tests._task_models import trained_lm
+
+    torch.set_num_threads(1)
+    model, _, val = trained_lm()
+    task = language_modeling()
+    q = copy.deepcopy(model)
+    budget = layer_bytes(240, 3, 24) + layer_bytes(288, 3, 12)  # fc1 and head at 3 bits each
+    res = quantize_(q, MixedPrecisionConfig(budget_bytes=budget, bits=[2, 3, 4, 8], samples=48, layers=["fc1", "head"]),
+                    data=val, task=task)
+    assert res.curves.metric_name == "perplexity" and res.curves.samples == 48
+    assert res.allocation.weight_bytes <= budget and set(res.bits) == {"fc1", "head"}
+    # the sweep's dense point is the task's perplexity on the same examples
+    assert res.curves.base_error == pytest.approx(task.evaluate(model, ns._allocate.eval_subset(val, 48, task=task).batches))
+    assert task.evaluate(q, val) < 2 * task.evaluate(model, val)
