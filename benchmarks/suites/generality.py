@@ -86,7 +86,7 @@ def run(work: Path, results: Path, resume: bool, machine: list[str]) -> list[Sum
         "`benchmarks/_archs.py` for the architectures.",
         "",
         *machine,
-        f"- {_versions()}; wall time {wall:.0f} s for {len(cells)} cells",
+        f"- {_versions()}; cells run with {THREADS} torch thread; wall time {wall:.0f} s for {len(cells)} cells",
         "",
         "Outcomes: **works** (method ran, output check passed), **error** (one clear NetshrinkError; the model still",
         "runs), **skip (said)** (nothing changed and the result says why), and the three the issue forbids:",

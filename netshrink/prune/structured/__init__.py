@@ -28,7 +28,8 @@ What the dependency graph handles (each row has a test in ``tests/prune/structur
 | MHA whose attention weights are used, or with a 3-D (per-head) ``attn_mask`` | heads left unpruned, logged; features still sliced | ``test_used_weights_or_a_per_head_mask...`` |
 | MHA with ``add_bias_kv`` / ``add_zero_attn``            | left unpruned with a message; ``strict`` raises naming op and module | ``test_add_bias_kv_is_left_unpruned...``, ``test_unsupported_op_in_strict_mode...`` |
 | attention written with raw view / matmul / softmax ops  | left unpruned with a message; ``strict`` raises naming op and module | ``test_attention_written_with_raw_ops...``, ``test_unsupported_op_in_strict_mode...`` |
-| a model torch.fx cannot trace                           | ModelError naming the failing module             | ``test_untraceable_model...`` |
+| a model torch.fx cannot trace                           | ModelError naming the failing module             | ``test_untraceable_model...``, ``test_untraceable_zoo_language_models...`` |
+| ``transformers`` models (GPT-2, Llama/GQA, BERT, ViT)     | not traced: blocks recognized by structure (:mod:`.hf`); heads and MLP units removed, module attributes and config updated, ``generate`` still runs | ``test_hf.py`` |
 
 Attention is pruned head-wise (:mod:`.attention`): every head of an ``nn.MultiheadAttention``,
 ``HeadAttention`` or ``GroupedQueryAttention`` is a class scored by the criterion over its q/k/v rows
@@ -78,3 +79,6 @@ __all__ += ["group_lasso", "group_norms", "reconstruct_", "slimming_regularizer"
 from .auto import AutoChannelConfig, AutoChannelResult, auto_channel_prune
 
 __all__ += ["AutoChannelConfig", "AutoChannelResult", "auto_channel_prune"]
+from .hf import apply_pruned_shapes, prune_hf
+
+__all__ += ["apply_pruned_shapes", "prune_hf"]

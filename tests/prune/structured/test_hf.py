@@ -134,3 +134,17 @@ def test_unsupported_options_and_too_much_are_clear_errors():
     bad.config.netshrink_pruned = {"vit.nowhere": {"hidden": 3}}
     with pytest.raises(ModelError, match="vit.nowhere"):
         apply_pruned_shapes(bad)
+
+
+@pytest.mark.parametrize("name", ["hf_gpt2", "hf_llama"])
+def test_pruned_model_packs_and_loads_into_a_rebuilt_skeleton(name, tmp_path):
+    from netshrink.pack import load, pack
+
+    _, model, data, task, x = _setup(name)
+    prune_(model, ChannelConfig(ratio=0.5))
+    pack(model, tmp_path / "m.nsk")
+    skeleton = apply_pruned_shapes(type(model)(copy.deepcopy(model.config)))
+    restored = load(tmp_path / "m.nsk", model=skeleton).eval()
+    assert torch.equal(_run(restored, x), _run(model, x))
+    if name == "hf_gpt2":  # the tie survives the file
+        assert restored.lm_head.weight is restored.transformer.wte.weight
