@@ -172,7 +172,8 @@ def test_a_missing_extra_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
     from netshrink.cli import main
 
     with monkeypatch.context() as mp:
-        mp.setitem(sys.modules, "sklearn", None)  # as if scikit-learn were not installed
+        for name in ("sklearn", "sklearn.datasets"):  # as if scikit-learn were not installed
+            mp.setitem(sys.modules, name, None)
         with pytest.raises(MissingExtraError, match=r"pip install 'netshrink\[digits\]'"):
             data.digits()
     m = netshrink.build_model("mlp", in_features=64, hidden=[8])
