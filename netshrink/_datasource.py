@@ -94,7 +94,10 @@ def _num_classes(datasets: list[Dataset]) -> int:
 
 def read_npz(path: str | Path) -> dict[str, np.ndarray]:
     """Every array of an .npz file (no pickles); a :class:`DataError` line for a missing or bad file."""
+    from ._inputs import check_npz
+
     path = Path(path)
+    check_npz(path)  # declared array sizes bounded before anything is inflated
     try:
         with np.load(path, allow_pickle=False) as z:
             if not hasattr(z, "files"):

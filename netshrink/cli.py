@@ -1,7 +1,8 @@
 """The ``netshrink`` command: run a recipe, inspect, evaluate, unpack and export .nsk files (and evaluate .onnx).
 
-Every bad input ends in one line on stderr (``netshrink: error: ...``) and exit code 2;
-an interrupt ends with exit code 130 and says how to resume.
+No subcommand prints a traceback on any input: every failure is one line on stderr
+(``netshrink: error: ...``) and an exit code by error class (:data:`EXIT_CODES`); an interrupt ends
+with exit code 130 and says how to resume.
 """
 
 from __future__ import annotations
@@ -15,8 +16,22 @@ from typing import Sequence
 
 from .errors import NetshrinkError
 
-EXIT_USAGE = 2
+EXIT_USAGE = 2  # bad input: the command line, a recipe, or a file, data set or model handed in
+EXIT_OUTPUT = 3  # an output cannot be written: read-only folder, full disk, a file or folder in the way
+EXIT_BUSY = 4  # the output folder is in use by another run
+EXIT_INTERNAL = 5  # a bug in netshrink, not a fault of the input (one line; -v adds the traceback)
+EXIT_MEMORY = 6  # out of memory
 EXIT_INTERRUPTED = 130
+#: exit code -> what it means (printed by ``netshrink --help``)
+EXIT_CODES = {
+    0: "success",
+    EXIT_USAGE: "bad input: the command line, a recipe, or a file, data set or model handed in (.nsk, .onnx, .npz, IDX, YAML)",
+    EXIT_OUTPUT: "an output cannot be written (read-only folder, full disk, a file or folder in the way); earlier files are intact",
+    EXIT_BUSY: "the output folder is in use by another run (its pid is named)",
+    EXIT_INTERNAL: "internal error: a bug in netshrink, not in the input (run with -v for the traceback and report it)",
+    EXIT_MEMORY: "out of memory",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C); `netshrink run ... --resume` continues a run",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -80,6 +95,9 @@ def _eval_onnx(args: argparse.Namespace) -> int:
     from .errors import ConfigError
     from .export import onnx_input_shape, ort_error_rate, ort_latency, ort_session
 
+    from ._inputs import check_onnx
+
+    check_onnx(args.file)  # bounded size, parses, no external data, onnx.checker: before onnxruntime sees it
     session = ort_session(args.file, threads=args.threads)
     shape = onnx_input_shape(session)
     want = INPUT_SHAPES.get(args.data)
@@ -150,7 +168,10 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="netshrink", description="Compress and accelerate trained PyTorch networks.")
+    epilog = "exit codes:\n" + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
+    p = _Parser(prog="netshrink", description="Compress and accelerate trained PyTorch networks.", epilog=epilog,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -194,20 +215,48 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(text: str, limit: int = 2000) -> str:
+    """``text`` on one line (line breaks of wrapped library messages become ' / '), at most ``limit`` characters."""
+    flat = " / ".join(part.strip() for part in str(text).splitlines() if part.strip())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _fail(code: int, message: str) -> int:
+    print(f"netshrink: error: {_one_line(message)}", file=sys.stderr)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; every failure is one stderr line and an exit code from :data:`EXIT_CODES`."""
+    from ._outdir import OutputError, RunLockedError, describe_os_error
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.fn(args)
+    except RunLockedError as err:
+        return _fail(EXIT_BUSY, str(err))
+    except OutputError as err:
+        return _fail(EXIT_OUTPUT, str(err))
     except NetshrinkError as err:
-        print(f"netshrink: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(EXIT_USAGE, str(err))
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # the reader (| head) went away: not an error of ours
         sys.stdout = open(os.devnull, "w")
         return 0
+    except OSError as err:  # a read or write the code did not expect to fail (disk full, permissions)
+        return _fail(EXIT_OUTPUT, f"input/output error: {describe_os_error(err)}")
+    except MemoryError:
+        return _fail(EXIT_MEMORY, "out of memory")
+    except Exception as err:  # noqa: BLE001 - a bug: still one line, never a traceback unless asked for
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        return _fail(EXIT_INTERNAL, f"internal error ({type(err).__name__}: {err}); this is a bug in netshrink, "
+                                    "please report it with the output of -v")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -194,18 +194,9 @@ _IDX_LABELS_MAGIC = 0x00000801  # uint8, 1 dim
 
 def _read_bytes(path: Path) -> bytes:
     """The file's bytes, gunzipped when it starts with the gzip magic ``1f 8b``."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except OSError as err:
-        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
-    if data[:2] == b"\x1f\x8b":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as err:
-            raise DataError(f"{path}: not a valid gzip file ({err})") from None
-    return data
+    from ._inputs import MAX_IDX_BYTES, read_bounded
+
+    return read_bounded(path, MAX_IDX_BYTES, DataError, "IDX file", gunzip=True)  # a gzip bomb stops at the limit
 
 
 def _read_idx(path: Path, magic: int, what: str) -> np.ndarray:

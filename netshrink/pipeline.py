@@ -41,6 +41,7 @@ from torch import nn
 
 from . import metrics
 from ._fileio import atomic_write_bytes, atomic_write_text, cache_root
+from ._outdir import OutputError, output_errors, run_lock
 from ._registry import HandlerContext, run_handler
 from ._state import weight_state
 from ._layers import weight_layers
@@ -420,7 +421,7 @@ def _check_out_dir(recipe: Recipe, out_dir: Path, resume: bool, force: bool) -> 
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_file, json.dumps({"recipe": recipe.name, "fingerprint": recipe.fingerprint()}, indent=2))
     except OSError as err:
-        raise NetshrinkError(f"{out_dir}: cannot write the output folder ({err.strerror or err})") from None
+        raise OutputError(f"{out_dir}: cannot write the output folder ({err.strerror or err})") from None
 
 
 def run_recipe(
@@ -432,10 +433,21 @@ def run_recipe(
     progress: bool = True,
     on_row: Callable[[Row], None] | None = None,
 ) -> RunResult:
-    """Run ``recipe`` end to end into ``out_dir``; see the module docstring for what is written."""
+    """Run ``recipe`` end to end into ``out_dir``; see the module docstring for what is written.
+
+    The run holds the folder's lock throughout (a second run into it is refused; a killed run's lock
+    and temporary files are taken over), and a failed write is one :class:`OutputError` line
+    (:mod:`netshrink._outdir`).
+    """
     out_dir = Path(out_dir)
     torch.manual_seed(recipe.seed)
     ready = prepare(recipe)  # before the output folder is touched
+    with run_lock(out_dir), output_errors(out_dir):
+        return _run_prepared(recipe, out_dir, ready, resume, force, progress, on_row)
+
+
+def _run_prepared(recipe: Recipe, out_dir: Path, ready: Any, resume: bool, force: bool, progress: bool,
+                  on_row: Callable[[Row], None] | None) -> RunResult:
     splits, model, task, example = ready.splits, ready.model, ready.task, ready.example
     _check_out_dir(recipe, out_dir, resume, force)
 

@@ -72,7 +72,7 @@ def test_unwritable_unpack_target_is_one_line_and_keeps_what_is_there(tmp_path, 
     a_dir.mkdir()
     (a_dir / "inside").write_text("keep me too")
     for target in (a_file / "w.safetensors", a_dir):  # parent is a file; target is a folder
-        assert main(["unpack", str(f), "-o", str(target)]) == 2
+        assert main(["unpack", str(f), "-o", str(target)]) == 3  # EXIT_OUTPUT
         err = capsys.readouterr().err.strip()
         assert err.startswith("netshrink: error:") and len(err.splitlines()) == 1 and str(target) in err
     assert a_file.read_text() == "keep me" and (a_dir / "inside").read_text() == "keep me too"

@@ -25,6 +25,7 @@ import zlib
 from typing import Any, BinaryIO, Callable
 
 from .._fileio import atomic_write as _atomic_write
+from .._outdir import OutputError
 from ..errors import FormatError
 
 log = logging.getLogger(__name__)
@@ -62,13 +63,18 @@ def serialize(header: dict[str, Any], sections: list[tuple[str, bytes]]) -> tupl
     return b"".join([prelude, text] + [data for _, data in sections]), header, len(text)
 
 
+class PackWriteError(OutputError, FormatError):
+    """A packed or unpacked file cannot be written (an :class:`OutputError`; a :class:`FormatError` too,
+    as before)."""
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
     """:func:`netshrink._fileio.atomic_write`, with an ``OSError`` turned into a one-line
-    :class:`FormatError` naming ``path`` (an existing file there is left intact)."""
+    :class:`PackWriteError` naming ``path`` (an existing file there is left intact)."""
     try:
         _atomic_write(path, write)
     except OSError as exc:
-        raise FormatError(f"cannot write {os.fspath(path)}: {exc.strerror or exc}") from None
+        raise PackWriteError(f"cannot write {os.fspath(path)}: {exc.strerror or exc}") from None
 
 
 def read_file(path: str | os.PathLike) -> bytes:
