@@ -148,3 +148,13 @@ def test_pruned_model_packs_and_loads_into_a_rebuilt_skeleton(name, tmp_path):
     assert torch.equal(_run(restored, x), _run(model, x))
     if name == "hf_gpt2":  # the tie survives the file
         assert restored.lm_head.weight is restored.transformer.wte.weight
+
+
+@pytest.mark.parametrize("name", sorted(HF_ARCHS))
+def test_pruned_model_runs_under_sdpa_attention_too(name):
+    _, model, data, task, x = _setup(name)
+    model.config._attn_implementation = "sdpa"  # torch's fused kernel reads the (new) head counts too
+    twin = copy.deepcopy(model)
+    prune_(model, ChannelConfig(ratio=0.5, gqa_heads="query"))
+    prune_(twin, ChannelConfig(ratio=0.5, gqa_heads="query", mode="zero"))
+    assert (_run(model, x) - _run(twin, x)).abs().max() < 1e-5
