@@ -159,6 +159,25 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    from .data import INPUT_SHAPES, load_dataset
+    from .deploy import deploy
+    from .errors import ConfigError
+    from .pack import load
+
+    if args.data not in INPUT_SHAPES:
+        raise ConfigError("--data", f"unknown data set {args.data!r} (known: {', '.join(INPUT_SHAPES)})")
+    model = load(args.file, restore=True)
+    splits = load_dataset(args.data)
+    example = splits.test[0][0].unsqueeze(0)
+    res = deploy(model, args.out, example, calibration=splits.train if args.int8 else None,
+                 val=splits.val if args.int8 else None, batch_sizes=tuple(args.batch), threads=args.threads)
+    print(res.table(), end="")
+    where = f"wrote {res.path}" if res.path else "eager torch is the fastest form: no ONNX file written"
+    print(f"fastest: {res.chosen}; {where}; timings in {args.out}/deploy.json")
+    return 0
+
+
 def _cmd_methods(args: argparse.Namespace) -> int:
     from ._registry import list_methods
 
@@ -209,6 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--calib", type=int, default=512, help="calibration examples from the training split (default 512)")
     x.add_argument("--data", default="mnist", help="data set for the input shape and calibration (default mnist)")
     x.set_defaults(fn=_cmd_export)
+    d = sub.add_parser("deploy", help="time every runtime form of an .nsk model (torch, CSR, ORT fp32, ORT int8); write the fastest")
+    d.add_argument("file")
+    d.add_argument("--out", required=True, help="folder for model.onnx and deploy.json")
+    d.add_argument("--data", default="mnist", help="data set for the example input and int8 calibration (default mnist)")
+    d.add_argument("--int8", action="store_true", help="also try int8 QDQ (calibrated on the training split, checked on val)")
+    d.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="batch sizes to time (default 1 32)")
+    d.add_argument("--threads", type=int, default=1, help="threads for every runtime (default 1)")
+    d.set_defaults(fn=_cmd_deploy)
+
 
     m = sub.add_parser("methods", help="list the registered methods")
     m.set_defaults(fn=_cmd_methods)
