@@ -190,7 +190,6 @@ def build_parser() -> argparse.ArgumentParser:
     epilog = "exit codes:\n" + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
     p = _Parser(prog="netshrink", description="Compress and accelerate trained PyTorch networks.", epilog=epilog,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -228,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--calib", type=int, default=512, help="calibration examples from the training split (default 512)")
     x.add_argument("--data", default="mnist", help="data set for the input shape and calibration (default mnist)")
     x.set_defaults(fn=_cmd_export)
+
     d = sub.add_parser("deploy", help="time every runtime form of an .nsk model (torch, CSR, ORT fp32, ORT int8); write the fastest")
     d.add_argument("file")
     d.add_argument("--out", required=True, help="folder for model.onnx and deploy.json")
@@ -236,7 +236,6 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="batch sizes to time (default 1 32)")
     d.add_argument("--threads", type=int, default=1, help="threads for every runtime (default 1)")
     d.set_defaults(fn=_cmd_deploy)
-
 
     m = sub.add_parser("methods", help="list the registered methods")
     m.set_defaults(fn=_cmd_methods)
