@@ -388,8 +388,8 @@ def _finetune(model: nn.Module, stage: Stage, teacher: nn.Module | None, splits,
         return
     from .distill.finetune import DistillFinetuneLoss, check_teacher_fits
 
-    check_teacher_fits(teacher, model, example_arg(example), stage.distill_field)
-    kd = DistillFinetuneLoss(teacher, model, stage.distill)
+    check_teacher_fits(teacher, model, example_arg(example), stage.distill_field, task=task)
+    kd = DistillFinetuneLoss(teacher, model, stage.distill, task)  # the hard loss is the task's
     try:
         Trainer(model, cfg, loss_fn=kd.hard_loss, extra_loss=kd, task=task).fit(
             splits.train, splits.val, checkpoint_dir=checkpoint_dir, resume=resume
