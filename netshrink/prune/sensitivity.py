@@ -17,9 +17,8 @@ predicted loss, under the usual additive model of layer damage (the curves of si
 
 with ``n_l`` the layer's weights, ``keep_l(s) = n_l − round(s n_l)``, and ``c_l = 1`` for a parameter
 budget or ``c_l = MACs_l / n_l`` (MACs per weight of one example) for a MAC budget. This is a
-multiple-choice knapsack, solved exactly by dynamic programming over the integer costs
-(:func:`netshrink._allocate.knapsack_min`, shared with ``rank_budget``, ``mixed_precision`` and ``auto_channel``) (divided by
-their gcd). Where that needs more than ``resolution`` units, the budget is cut into ``resolution``
+multiple-choice knapsack, solved exactly by dynamic programming over the integer costs (divided by
+their gcd; :func:`netshrink._allocate.knapsack_min`, shared with ``mixed_precision`` and ``auto_channel``). Where that needs more than ``resolution`` units, the budget is cut into ``resolution``
 units and every cost rounded *up* — the answer still meets the true budget, but may leave up to
 ``layers/resolution`` of it unused. A budget that even the
 sparsest grid point of every layer misses raises :class:`ConfigError`. Measured latency is not a
