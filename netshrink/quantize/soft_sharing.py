@@ -214,8 +214,10 @@ class PriorLoss:
         self.layers = layers
         self.config = config
         self.scale = config.tau / max(1, int(n_train))
+        self.n_pruned = self.pruned_count()
 
     def weights(self) -> torch.Tensor:
+        """The kept (unmasked) weights of the chosen layers, flattened."""
         parts = []
         for m in self.layers.values():
             w = m.weight
@@ -223,12 +225,22 @@ class PriorLoss:
             parts.append(w[mask] if mask is not None else w.reshape(-1))
         return torch.cat(parts)
 
+    def pruned_count(self) -> int:
+        """How many weights an earlier pruning mask holds at exactly 0."""
+        return sum(int((~mask).sum()) for mask in (get_mask(m) for m in self.layers.values()) if mask is not None)
+
     def complexity(self) -> torch.Tensor:
+        """``-(sum_i log p(w_i) + log p(lambda))``. Weights already pruned are zeros under the prior too
+        (counted as ``n_pruned * log p(0)``, without touching them): they keep the zero component narrow,
+        as the paper's pruned weights do, so that the kept ones are not absorbed by it."""
         p = self.prior
         precision = torch.exp(-p.log_var)
         (a0, b0), (a, b) = self.config.zero_gamma, self.config.gamma
         hyper = gamma_log_prob(precision[:1], a0, b0).sum() + gamma_log_prob(precision[1:], a, b).sum()
-        return -(p.log_prob(self.weights()) + hyper)
+        log_p = p.log_prob(self.weights())
+        if self.n_pruned:
+            log_p = log_p + self.n_pruned * p.log_prob(torch.zeros(1, device=p.means.device))
+        return -(log_p + hyper)
 
     def __call__(self, model, inputs, target, output) -> torch.Tensor:
         return self.scale * self.complexity().to(output.device)
@@ -309,7 +321,7 @@ def soft_sharing(model: nn.Module, config: SoftSharingConfig, data: Any = None, 
     if not layers:
         raise ModelError("soft weight-sharing: the model has no Linear or Conv layer")
     with torch.no_grad():
-        flat = PriorLoss(None, layers, config, 1).weights()  # type: ignore[arg-type]
+        flat = PriorLoss(None, layers, config, 1).weights()  # type: ignore[arg-type]  (no prior needed for the weights)
         if flat.numel() == 0:
             raise ModelError("soft weight-sharing: every weight of the chosen layers is pruned already")
         lo, hi = float(flat.min()), float(flat.max())

@@ -132,3 +132,20 @@ def test_rejects_shared_layers_and_bad_configs(trained):
         SoftSharingConfig(train={"weight_decay": 0.1})
     with pytest.raises(ConfigError, match="data"):
         quantize_(_model(state), SoftSharingConfig(), data=None)
+
+
+def test_pruned_weights_count_as_zeros_under_the_prior():
+    from netshrink.prune import apply_mask
+    from netshrink.quantize.soft_sharing import GaussianMixturePrior, PriorLoss
+
+    torch.manual_seed(0)
+    a, b = nn.Linear(6, 5), nn.Linear(6, 5)
+    keep = torch.rand(5, 6) > 0.5
+    with torch.no_grad():
+        b.weight.copy_(torch.where(keep, a.weight, torch.zeros(())))
+    apply_mask(a, keep)  # a: masked; b: the same effective weights, unmasked
+    prior = GaussianMixturePrior(5, 0.9, -0.4, 0.4, 0.05)
+    cfg = SoftSharingConfig()
+    masked, plain = PriorLoss(prior, {"a": a}, cfg, 10), PriorLoss(prior, {"b": b}, cfg, 10)
+    assert masked.n_pruned == int((~keep).sum()) and plain.n_pruned == 0
+    torch.testing.assert_close(masked.complexity(), plain.complexity(), rtol=1e-5, atol=1e-4)
