@@ -186,6 +186,47 @@ def _mha_projections(module: nn.MultiheadAttention, n: int, lq: int, lk: int) ->
     return [("q_proj", wq, n * lq), ("k_proj", wk, n * lk), ("v_proj", wv, n * lk), ("out_proj", module.out_proj.weight, n * lq)]
 
 
+class _FunctionalMacs(torch.overrides.TorchFunctionMode):
+    """Counts the matrix products a model computes outside the layers :func:`macs` hooks: attention written
+    with ``torch.matmul`` / ``@`` / ``bmm`` / ``baddbmm`` / ``scaled_dot_product_attention`` (as in
+    transformers' attention modules), or a custom layer's ``x @ W``. ``a (..., m, k) @ b (..., k, n)`` costs
+    ``prod(batch) m k n``; ``sdpa(q, k, v)`` costs ``prod(q.shape[:-1]) S (d + d_v)``."""
+
+    def __init__(self, add: Any, depth: list[int]):
+        super().__init__()
+        self.add, self.depth = add, depth
+        f = torch.nn.functional
+        self.mm = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm}
+        self.baddbmm = {torch.baddbmm, torch.Tensor.baddbmm}
+        self.sdpa = {f.scaled_dot_product_attention}
+
+    @staticmethod
+    def _mm(a: Any, b: Any) -> int:
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.dim() == 0 or b.dim() == 0:
+            return 0
+        sa = (1, *a.shape) if a.dim() == 1 else tuple(a.shape)
+        sb = (*b.shape, 1) if b.dim() == 1 else tuple(b.shape)
+        batch = torch.broadcast_shapes(sa[:-2], sb[:-2])
+        return math.prod(batch) * sa[-2] * sa[-1] * sb[-1]
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.depth[0] == 0:
+            n, what = 0, ""
+            if func in self.mm and len(args) >= 2:
+                n, what = self._mm(args[0], args[1]), "matmul"
+            elif func in self.baddbmm and len(args) >= 3:
+                n, what = self._mm(args[1], args[2]), "matmul"
+            elif func in self.sdpa and len(args) >= 3:
+                q, k, v = args[:3]
+                n, what = math.prod(q.shape[:-1]) * k.shape[-2] * (q.shape[-1] + v.shape[-1]), "attention"
+            if n:
+                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else ()
+                self.add(f"(functional {what})", f"torch {what} outside the counted layers", (), shape, int(n), int(n))
+        return out
+
+
 @torch.no_grad()
 def macs(model: nn.Module, example_input: Any) -> MacsReport:
     """Count dense and effective MACs of every weight layer and attention in one forward pass.
@@ -200,7 +241,10 @@ def macs(model: nn.Module, example_input: Any) -> MacsReport:
       ``GroupedQueryAttention``): the two matmuls ``Q Kᵀ`` and ``A V`` cost ``2 N H L S d``
       (listed as ``NAME.attention``, effective = dense); ``nn.MultiheadAttention`` runs its q/k/v/out
       projections without calling them as modules, so they are counted here too (``NAME.q_proj`` ...;
-      the converted modules' projections are ordinary Linear layers).
+      the converted modules' projections are ordinary Linear layers);
+    - matrix products outside these layers (transformers' attention ``softmax(QKᵀ)V`` written with
+      ``torch.matmul`` or ``scaled_dot_product_attention``, a custom ``x @ W``): one entry per kind,
+      ``(functional matmul)`` / ``(functional attention)`` (effective = dense).
 
     ``W`` is the effective weight (masked or shared), as the forward pass uses it. A layer called twice is
     counted twice. The counts are for the whole example batch: pass a batch of one for per-example MACs.
@@ -257,18 +301,32 @@ def macs(model: nn.Module, example_input: Any) -> MacsReport:
         return fn
 
     handles = []
+    depth = [0]  # > 0 while inside a layer or attention module counted by its hook
+
+    def enter(_m: nn.Module, _inp: Any) -> None:
+        depth[0] += 1
+
+    def leave(_m: nn.Module, _inp: Any, _out: Any) -> None:
+        depth[0] -= 1
+
     for n, m in model.named_modules():
         if "parametrizations" in n.split("."):
             continue
         kind = layer_kind(m)
+        counted = (kind is not None and kind != EMBEDDING) or isinstance(m, ATTENTION_TYPES)
+        if counted:
+            handles.append(m.register_forward_pre_hook(enter))
         if kind is not None and kind != EMBEDDING:
             handles.append(m.register_forward_hook(hook(n)))
         if isinstance(m, ATTENTION_TYPES):
             handles.append(m.register_forward_hook(attn_hook(n), with_kwargs=True))
+        if counted:
+            handles.append(m.register_forward_hook(leave))
     was_training = model.training
     model.eval()
     try:
-        run()
+        with _FunctionalMacs(add, depth):
+            run()
     finally:
         model.train(was_training)
         for h in handles:

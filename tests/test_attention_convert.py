@@ -160,3 +160,24 @@ def test_macs_count_projections_and_attention_matmuls():
     # a pruned projection lowers the effective count
     magnitude_prune(c, MagnitudeConfig(sparsity=0.5, layers=["attn.q_proj"]))
     assert metrics.macs(c, tokens)["attn.q_proj"].effective == n * t * e * e // 2
+
+
+class HandWrittenAttention(nn.Module):
+    """q/k/v Linear layers and softmax(QKᵀ/√d)V written with torch.matmul (as BERT-style code does)."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        a = torch.softmax(torch.matmul(self.q(x), self.k(x).transpose(-2, -1)) / 4.0, -1)
+        return a @ self.v(x) + torch.nn.functional.scaled_dot_product_attention(x, x, x)
+
+
+def test_macs_count_hand_written_attention_matmuls():
+    m = HandWrittenAttention()
+    x = torch.randn(2, 5, 16)
+    rep = metrics.macs(m, x)
+    assert rep["(functional matmul)"].dense == 2 * (2 * 5 * 16 * 5)  # QKᵀ and AV
+    assert rep["(functional attention)"].dense == 2 * 5 * 5 * (16 + 16)
+    assert rep.dense == 3 * 2 * 5 * 16 * 16 + 2 * 2 * 5 * 16 * 5 + 2 * 5 * 5 * 32
