@@ -127,7 +127,8 @@ def build_coverage(model: nn.Module, method: str, done: dict[str, str], skipped:
         if hit is not None:
             rec = ParamRecord(name, numel, "compressed", done[hit], aliases)
         elif any(n in skipped for n in names):
-            rec = ParamRecord(name, numel, "skipped", skipped[next(n for n in names if n in skipped)], aliases)
+            via = next(n for n in names if n in skipped)
+            rec = ParamRecord(name, numel, "skipped", (f"as {via}: " if via != name else "") + skipped[via], aliases)
         elif any(n in excluded for n in names):
             rec = ParamRecord(name, numel, "excluded", "not matched by the config's layers patterns", aliases)
         elif any(n in inapplicable for n in names):
