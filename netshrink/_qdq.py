@@ -114,7 +114,8 @@ def _transposed_copy(gr: _Graph, w: np.ndarray | None) -> str | None:
 
 
 def _quantize_layer(
-    gr: _Graph, name: str, wqp: Any, aqp: Any, unsigned_weights: bool, prefix: str = "", hint: str = "", weight: np.ndarray | None = None
+    gr: _Graph, name: str, wqp: Any, aqp: Any, unsigned_weights: bool, prefix: str = "", hint: str = "", weight: np.ndarray | None = None,
+    originals: dict[str, Any] | None = None,
 ) -> tuple[bool, bool]:
     wname = f"{prefix}{name}.weight"
     matmul = False
@@ -131,6 +132,10 @@ def _quantize_layer(
     if node.op_type == "Gemm" and not _gemm_ok(node):
         raise ModelError(f"int8 export: layer {name!r} became a Gemm with transposes or scaling that the exporter does not handle")
     w = gr.array(wname).astype(np.float32)
+    if originals is not None:  # the float values, for a layer onnxruntime will not fuse (see _float_unfused)
+        originals[name] = {"node": node, "w": (wname, gr.array(wname))}
+        if len(node.input) > 2 and node.input[2] in gr.inits:
+            originals[name]["b"] = (node.input[2], gr.array(node.input[2]))
     if matmul:
         w = w.T  # (out, in) as the quantizer's channels: the codes are transposed back below
     quant_w = wqp is not None and wqp.bits <= 8
@@ -178,20 +183,66 @@ def _quantize_layer(
     return quant_w, True
 
 
+def _reaches_quantize(gr: _Graph, node: Any) -> bool:
+    """Whether ``node``'s output goes, alone and through at most one Relu/Clip, into one QuantizeLinear --
+    the pattern onnxruntime fuses into an integer Conv kernel (QLinearConv) -- else it runs in float."""
+    out = node.output[0]
+    for _ in range(2):
+        uses = gr.consumers(out)
+        if len(uses) != 1:
+            return False
+        nxt = uses[0][0]
+        if nxt.op_type == "QuantizeLinear":
+            return True
+        if nxt.op_type not in ("Relu", "Clip"):
+            return False
+        out = nxt.output[0]
+    return False
+
+
+def _float_unfused(gr: _Graph, originals: dict[str, Any]) -> list[str]:
+    """Give each quantized Conv that onnxruntime will not fuse (its output feeds a residual Add, a graph
+    output, ...) its dequantized float weight and float bias back: onnxruntime would run it in float anyway,
+    dequantizing the weight at every call; the values are the same (the weight is the fake-quantized one)."""
+    done = []
+    for name, rec in originals.items():
+        node = rec["node"]
+        if node.op_type != "Conv" or _reaches_quantize(gr, node):
+            continue
+        wname, w = rec["w"]
+        node.input[1] = gr.add_init(wname, w)
+        if "b" in rec:
+            bname, b = rec["b"]
+            node.input[2] = gr.add_init(bname, b)
+        done.append(name)
+    if done:  # drop the DequantizeLinear nodes no one reads now, and their initializers
+        dead = [n for n in gr.new_nodes if n.op_type == "DequantizeLinear" and not gr.consumers(n.output[0])]
+        for n in dead:
+            gr.new_nodes.remove(n)
+            for t in n.input:
+                if t in gr.inits:
+                    gr.drop_init(t)
+    return done
+
+
 def int8_graph(
     proto: Any, quant: dict[str, tuple[Any, Any]], unsigned_weights: bool, prefix: str = "", hints: dict[str, str] | None = None,
-    weights: dict[str, np.ndarray] | None = None,
-) -> tuple[list[str], list[str]]:
+    weights: dict[str, np.ndarray] | None = None, float_unfused: bool = False,
+) -> tuple[list[str], list[str], list[str]]:
+    """Rewrite ``proto`` in place; returns the layers with int8 weights, those with a quantized input, and
+    (``float_unfused``) the quantized Conv layers stored with float weights because onnxruntime cannot fuse them."""
     gr = _Graph(proto)
     wl, al = [], []
+    originals: dict[str, Any] = {}
     for name, (wqp, aqp) in quant.items():
-        w, a = _quantize_layer(gr, name, wqp, aqp, unsigned_weights, prefix, (hints or {}).get(name, ""), (weights or {}).get(name))
+        w, a = _quantize_layer(gr, name, wqp, aqp, unsigned_weights, prefix, (hints or {}).get(name, ""), (weights or {}).get(name), originals)
         if w:
             wl.append(name)
         if a:
             al.append(name)
+    floats = _float_unfused(gr, originals) if float_unfused else []
     gr.finish()
-    return wl, al
+    return [n for n in wl if n not in floats], al, floats
 
 
 __all__ = ["int8_graph"]

@@ -30,7 +30,9 @@ ops that lead to a quantized input -- exact, since a monotone per-tensor quantiz
 and reshaping -- so onnxruntime fuses the graph into QLinearConv / QGemm / int8 MaxPool kernels.
 BatchNorm is folded into the layer before it (:mod:`netshrink.quantize.fold`) when the model is
 quantized; a quantized layer that the model never calls is not in the graph and is reported in
-``ExportResult.skipped``.
+``ExportResult.skipped``. Only a Conv whose output reaches a quantized input is fused by onnxruntime
+(QLinearConv needs a QuantizeLinear after it); one that feeds a residual Add keeps its input Q/DQ (as
+simulated) and its int8 weight (or, with ``float_unfused``, its dequantized weight in float).
 
 Weights are written as uint8 codes ``q + 128`` with zero point 128 (``unsigned_weights``, the default):
 the same values as the int8 codes, but onnxruntime's x86 u8s8 kernels on CPUs without VNNI sum pairs
@@ -81,6 +83,7 @@ class ExportResult:
     ops: dict[str, int] = field(default_factory=dict)
     input_names: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    float_weights: list[str] = field(default_factory=list)
 
 
 def _is_shape(example: Any) -> bool:
@@ -337,6 +340,7 @@ def export_onnx(
     unsigned_weights: bool = True,
     task: Any = None,
     dynamic_axes: dict[str, dict[int, str]] | None = None,
+    float_unfused: bool = False,
 ) -> ExportResult:
     """Write ``model`` as ONNX to ``path`` (atomically): fp32, or int8 QDQ with ``int8=True`` (module docstring).
 
@@ -346,7 +350,11 @@ def export_onnx(
     output to export (``output_key``). For int8, a model that is not quantized yet is quantized (a copy)
     by ``Int8Config`` on ``calibration`` data (a Dataset, DataLoader, Splits or tensor;
     ``calibration_samples`` examples), BatchNorm folded first. ``dynamic_axes`` replaces the default
-    dynamic axes. Unsupported ops, layers the int8 rewrite cannot place, a model that rejects the example
+    dynamic axes. With ``float_unfused``, a quantized Conv whose output onnxruntime cannot requantize (it
+    feeds a residual Add or a graph output, not a quantized input) keeps its fake-quantized weight in
+    float (listed in ``float_weights``; the same values, run by onnxruntime's float kernel instead of
+    dequantizing the weight at every call: faster, a larger file); by default every layer stores int8 codes.
+    Unsupported ops, layers the int8 rewrite cannot place, a model that rejects the example
     and a missing calibration set are one-line errors.
     """
     onnx = require("onnx", "onnx")
@@ -386,7 +394,7 @@ def export_onnx(
     adapter = _Adapter(plain, example, task.output_key)
     proto = _trace(adapter, dynamic_axes)
     weights = {n: m.weight.detach().cpu().numpy().astype(np.float32) for n, m in plain.named_modules() if n in quant}
-    wl, al = int8_graph(proto, quant, unsigned_weights, "", hints, weights) if int8 else ([], [])
+    wl, al, floats = int8_graph(proto, quant, unsigned_weights, "", hints, weights, float_unfused) if int8 else ([], [], [])
     try:
         onnx.checker.check_model(proto)
     except Exception as exc:
@@ -397,7 +405,7 @@ def export_onnx(
     for n in proto.graph.node:
         ops[n.op_type] += 1
     log.info("exported %s (%s, %d bytes)", os.fspath(path), "int8" if int8 else "fp32", len(blob))
-    return ExportResult(os.fspath(path), len(blob), int8, wl, al, dict(ops), adapter.names(), skipped)
+    return ExportResult(os.fspath(path), len(blob), int8, wl, al, dict(ops), adapter.names(), skipped, floats)
 
 
 # ------------------------------------------------------------------------------------------- runner

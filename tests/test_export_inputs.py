@@ -106,6 +106,13 @@ def test_bn_cnns_export_to_int8_and_match_the_simulated_model(tmp_path, digits, 
     got = ort_predict(s, x)
     assert (got.argmax(1) != logits.argmax(1)).sum() <= 1
     assert np.abs(got - logits).max() <= 0.05 * np.abs(logits).max()
+    # convs that feed a residual Add cannot become QLinearConv: with float_unfused they keep float weights
+    fl = export_onnx(q, tmp_path / "f.onnx", (1, 8, 8), int8=True, float_unfused=True)
+    residual = any(isinstance(m, (_Block,)) for m in model.modules()) or hasattr(model, "stages")
+    assert (not residual or fl.float_weights) and not set(fl.float_weights) & set(fl.quantized)
+    assert set(fl.float_weights) | set(fl.quantized) == set(exp.quantized)
+    got_f = ort_predict(ort_session(fl.path, threads=1), x)
+    assert (got_f.argmax(1) != logits.argmax(1)).sum() <= 1
 
 
 def test_fold_keeps_a_bn_that_follows_no_layer_and_a_shared_output(tmp_path):
