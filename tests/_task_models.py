@@ -67,3 +67,10 @@ def trained_regressor(epochs: int = 25, seed: int = 0) -> tuple[nn.Sequential, T
     cfg = TrainConfig(epochs=epochs, lr=0.05, batch_size=32, progress=False, device="cpu", seed=seed)
     Trainer(model, cfg, task=regression()).fit(train)
     return model.eval(), train, val
+
+
+def lm_splits():
+    """A recipe data factory: train / val / test splits of the token language (dict examples)."""
+    from netshrink.data import Splits
+
+    return Splits("tokens", TokenDicts(256, seed=1), TokenDicts(64, seed=2), TokenDicts(64, seed=3), num_classes=VOCAB)

@@ -243,3 +243,26 @@ def test_magnitude_needs_no_task_and_ignores_it(lm):
     res = prune_(m, MagnitudeConfig(sparsity=0.5), data=train, task="language_modeling")
     assert res.sparsity["fc1"] == pytest.approx(0.5)
     assert isinstance(m.emb, nn.Embedding)
+
+
+def test_a_language_model_recipe_runs_data_driven_stages_and_distills_on_its_task(tmp_path, monkeypatch):
+    """End to end: the recipe's task reaches OBD, the distillation fine-tuning and mixed precision."""
+    from netshrink.pipeline import run_recipe
+    from netshrink.recipe import parse_recipe
+
+    monkeypatch.setenv("NETSHRINK_CACHE", str(tmp_path / "cache"))
+    ft = {"epochs": 1, "lr": 0.02, "batch_size": 32, "progress": False, "device": "cpu"}
+    recipe = parse_recipe({
+        "name": "lm-obd", "model": "tests._task_models:TinyLM", "data": "tests._task_models:lm_splits", "task": "language_modeling",
+        "train": {**ft, "epochs": 4, "lr": 0.05},
+        "stages": [
+            {"method": "obd", "sparsity": 0.5, "batches": 2, "batch_size": 32,
+             "finetune": {**ft, "distill": {"temperature": 2.0, "alpha": 0.5}}},
+            {"method": "mixed_precision", "avg_bits": 4, "bits": [2, 4, 8], "samples": 32, "layers": ["fc1", "head"]},
+        ],
+    })
+    res = run_recipe(recipe, tmp_path / "out", progress=False)
+    base, obd, mixed = res.rows
+    assert obd.nonzeros < base.nonzeros and mixed.bytes < obd.bytes
+    assert 1.0 < base.test_error < 6.0 and obd.test_error < 1.5 * base.test_error  # perplexities (uniform guessing: 12)
+    assert mixed.test_error < 1.5 * base.test_error

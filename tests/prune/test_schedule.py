@@ -120,3 +120,20 @@ def test_agp_as_a_trainer_callback_equals_a_hand_loop_that_steps_the_pruner():
     for (k, a), b in zip(net.state_dict().items(), twin.state_dict().values()):
         assert torch.equal(a, b), k
     assert float((net[0].weight == 0).float().mean()) == pytest.approx(0.7, abs=1 / 240)
+
+
+def test_gradual_pruner_scores_a_language_model_on_its_task():
+    import copy
+
+    from netshrink.task import language_modeling
+    from tests._task_models import trained_lm
+
+    torch.set_num_threads(1)
+    model, train, _ = trained_lm(epochs=2)
+    net = copy.deepcopy(model)
+    task = language_modeling()
+    pruner = GradualPruner(net, TaylorConfig(sparsity=0.5, batches=1, batch_size=16, layers=["fc1", "head"]), steps=2,
+                           frequency=3, data=train, task=task)
+    Trainer(net, TrainConfig(epochs=1, batch_size=32, lr=0.01, progress=False, device="cpu"), task=task, callbacks=[pruner]).fit(train)
+    assert [t for t, _ in pruner.history] == [3, 6] and pruner.done  # 8 steps; t = 0 has target 0
+    assert float((net.fc1.weight == 0).float().mean()) == pytest.approx(0.5, abs=1 / 240)
