@@ -181,3 +181,15 @@ def test_macs_count_hand_written_attention_matmuls():
     assert rep["(functional matmul)"].dense == 2 * (2 * 5 * 16 * 5)  # QKᵀ and AV
     assert rep["(functional attention)"].dense == 2 * 5 * 5 * (16 + 16)
     assert rep.dense == 3 * 2 * 5 * 16 * 16 + 2 * 2 * 5 * 16 * 5 + 2 * 5 * 5 * 32
+
+
+def test_converted_attention_without_bias_and_unbatched():
+    torch.manual_seed(0)
+    m = Wrap(nn.MultiheadAttention(8, 2, bias=False)).eval()
+    c = copy.deepcopy(m)
+    convert_attention_(c)
+    assert c.attn.q_proj.bias is None and c.attn.out_proj.bias is None
+    q, k = torch.randn(3, 8), torch.randn(4, 8)  # unbatched (L, E), (S, E)
+    with torch.no_grad():
+        (a, wa), (b, wb) = m(q, k, k), c(q, k, k)
+    assert a.shape == b.shape == (3, 8) and torch.allclose(a, b, atol=1e-6) and torch.allclose(wa, wb, atol=1e-6)
