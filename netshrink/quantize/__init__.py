@@ -20,7 +20,7 @@ from .affine import quantize as quantize_tensor
 from .binary import BinaryConfig, LowBitResult, TernaryConfig, binarize, ternarize
 from .bnn import BnnConfig, BnnResult, SignActivation
 from .fake import ActFakeQuant, WeightFakeQuant
-from .fixed_point import FixedPointConfig, FixedPointResult, fixed_point_step_, to_fixed
+from .fixed_point import FixedPointConfig, FixedPointResult, FixedPointRounding, fixed_point_step_, to_fixed
 from .kmeans import Codebook, KMeansConfig, ShareResult, kmeans_1d
 from .mixed import MixedPrecisionConfig, MixedPrecisionResult
 from .observers import (
@@ -60,6 +60,7 @@ __all__ += [
     "HalfConfig",
     "FixedPointConfig",
     "FixedPointResult",
+    "FixedPointRounding",
     "Int8Config",
     "LowBitResult",
     "MixedPrecisionConfig",
