@@ -21,6 +21,7 @@ import contextlib
 import io
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,8 @@ def _trace(model: nn.Module) -> Any:
     buf = io.BytesIO()
     dyn = {"input_ids": {0: "batch", 1: "seq"}, "past_k": {1: "batch", 3: "past"}, "past_v": {1: "batch", 3: "past"},
            "logits": {0: "batch", 1: "seq"}, "present_k": {1: "batch", 3: "total"}, "present_v": {1: "batch", 3: "total"}}
-    with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+    with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         torch.onnx.export(_Cached(plain), (ids, k, k.clone()), buf, dynamo=False, opset_version=OPSET, input_names=list(INPUTS),
                           output_names=list(OUTPUTS), dynamic_axes=dyn, do_constant_folding=True)
     return onnx.load_from_string(buf.getvalue()), plain

@@ -1,0 +1,56 @@
+"""ONNX export of the LM with its KV cache; int4/int8 MatMulNBits equal to the simulated model."""
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+
+from lm_helpers import heldout, perplexity, tiny_lm  # noqa: E402
+
+from netshrink.errors import ConfigError, ModelError  # noqa: E402
+from netshrink.export_lm import export_lm, lm_session, ort_generate, ort_logits, ort_perplexity, pack_nbits, pack_zero_points  # noqa: E402
+from netshrink.models import build_model  # noqa: E402
+from netshrink.quantize import RtnConfig, quantize_  # noqa: E402
+
+
+def test_nibble_packing_known_answer():
+    q = np.array([[1, 2, 3, 4, 15, 0, 7, 8] * 2])
+    assert pack_nbits(q, 4, 16).tolist() == [[[0x21, 0x43, 0x0F, 0x87] * 2]]
+    assert pack_zero_points(np.array([[1, 2, 3]]), 4).tolist() == [[0x21, 0x03]]
+    with pytest.raises(ConfigError, match="4 or 8"):
+        pack_nbits(q, 3, 16)
+
+
+def test_fp32_export_and_greedy_decode_match_torch(tmp_path):
+    m = tiny_lm()
+    export_lm(m, tmp_path / "m.onnx")
+    s = lm_session(tmp_path / "m.onnx")
+    ids = heldout(2)[0][None]
+    np.testing.assert_allclose(ort_logits(s, ids.numpy()), m(ids).detach().numpy(), atol=2e-4)
+    assert ort_generate(s, ids[:, :10].numpy(), 8).tolist() == m.generate(ids[:, :10], 8).tolist()
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, None), (8, 64)])
+def test_matmulnbits_equals_the_simulated_model(tmp_path, bits, group):
+    import onnx
+
+    m = tiny_lm()
+    quantize_(m, RtnConfig(bits=bits, group_size=group))
+    fp = export_lm(tiny_lm(), tmp_path / "fp.onnx")
+    r = export_lm(m, tmp_path / "q.onnx", weight_bits=bits)
+    assert r.nbits_layers == 14 and r.dense_layers == 0 and r.bytes < fp.bytes
+    ops = {n.op_type for n in onnx.load(tmp_path / "q.onnx").graph.node}
+    assert "MatMulNBits" in ops
+    s = lm_session(tmp_path / "q.onnx")
+    ids = heldout(2)[0][None]
+    np.testing.assert_allclose(ort_logits(s, ids.numpy()), m(ids).detach().numpy(), atol=2e-4)
+    assert ort_perplexity(s, heldout(4)) == pytest.approx(perplexity(m, 4), rel=1e-4)
+
+
+def test_bad_export_requests(tmp_path):
+    with pytest.raises(ConfigError, match="weight_bits"):
+        export_lm(tiny_lm(), tmp_path / "x.onnx", weight_bits=3)
+    with pytest.raises(ModelError, match="forward_cached"):
+        export_lm(build_model("mlp"), tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()
