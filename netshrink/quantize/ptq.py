@@ -163,6 +163,23 @@ class UniformResult:
     converted_attention: list[str] = field(default_factory=list)
 
 
+def _unsupported(model: nn.Module, chosen: dict[str, nn.Module], patterns: list[str] | None) -> dict[str, str]:
+    """Modules with a matrix weight in scope that uniform quantization does not handle, with the reason."""
+    import fnmatch
+
+    from ._common import SUPPORTED, _has_matrix_weight
+
+    out = {}
+    for n, m in model.named_modules():
+        if n in chosen or not _has_matrix_weight(m) or "parametrizations" in n.split(".") or isinstance(m, nn.MultiheadAttention):
+            continue
+        if any(n.startswith(c + ".") for c in chosen):
+            continue
+        if patterns is None or any(fnmatch.fnmatchcase(n, p) for p in patterns):
+            out[n] = f"a {type(m).__name__} is not a layer type uniform quantization handles ({SUPPORTED}); it stays in float"
+    return out
+
+
 def _call(model: nn.Module, batch: Any) -> Any:
     return Inputs.of(batch).call(model)
 
@@ -339,6 +356,7 @@ def _prepare(model: nn.Module, config: UniformConfig, data: Any, qat: bool, task
     batches = calibration_inputs(data, config.calibration_samples, config.batch_size, config.seed, device, task) if needs_data else []
 
     result = UniformResult(converted_attention=converted)
+    result.skipped.update(_unsupported(model, layers, config.layers))
     if config.fold_bn:
         if batches:
             folded = fold_batchnorm_(model, batches[0].call)

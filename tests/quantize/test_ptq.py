@@ -224,3 +224,19 @@ def test_a_refused_call_leaves_the_model_as_it_was(trained):
     from netshrink.quantize._common import weight_quantizer_of
 
     assert weight_quantizer_of(q.fc1) is None and input_quant_of(q.fc1) is None
+
+
+def test_unsupported_weight_layers_are_reported_as_skipped():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 8)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, ids):
+            return self.fc(self.emb(ids).mean(1))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    res = quantize_(net, Int8Config(), data=torch.randint(0, 20, (16, 5)))
+    assert set(res.bits) == {"fc"} and "Embedding" in res.skipped["emb"] and "float" in res.skipped["emb"]
