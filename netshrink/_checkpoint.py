@@ -145,9 +145,22 @@ def build_payload(
 
 
 def save_atomic(payload: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
-    """Write ``payload`` with ``torch.save`` to ``path`` atomically (temp file, fsync, replace)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda fh: torch.save(dict(payload), fh))
+    """Write ``payload`` with ``torch.save`` to ``path`` atomically (temp file, fsync, replace).
+
+    The payload is serialized in memory first, so a failing write (a full disk, a read-only folder) is
+    the ``OSError`` of the file write, raised as one :class:`netshrink._outdir.OutputError` line, and the
+    previous checkpoint stays as it was.
+    """
+    import io
+
+    from ._outdir import output_errors
+
+    buf = io.BytesIO()
+    torch.save(dict(payload), buf)
+    blob = buf.getvalue()
+    with output_errors(path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda fh: fh.write(blob))
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:

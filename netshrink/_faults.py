@@ -141,3 +141,97 @@ def diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
             else:
                 out.append(key)
     return out
+
+
+# ------------------------------------------------------------------------------- bad command lines
+
+#: the kinds of bad input of :func:`bad_input_cases`
+BAD_INPUTS = ("missing file", "directory", "empty file", "wrong format", "truncated", "huge header", "unwritable output")
+
+
+@dataclass
+class BadInput:
+    command: str
+    kind: str
+    argv: list[str]
+    expected: int  # the exit code (2 bad input, 3 output not writable)
+
+
+def _sparse_file(path: Path, size: int) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)  # a hole: no disk used, but stat() says ``size``
+    return path
+
+
+def bad_input_cases(folder: Path, good_nsk: Path, good_recipe: Path) -> list[BadInput]:
+    """Every subcommand x every kind of bad input, with the files made in ``folder`` (a good .nsk and a
+    good recipe are given, to make the truncated, wrong-format and unwritable-output cases from)."""
+    import zlib
+
+    from .pack._format import MAGIC, PRELUDE
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adir").mkdir(exist_ok=True)
+    (folder / "afile").write_text("a plain file, in the way of a folder")
+    blob = good_nsk.read_bytes()
+    files = {
+        "missing file": {"nsk": folder / "missing.nsk", "onnx": folder / "missing.onnx", "yaml": folder / "missing.yaml"},
+        "directory": {"nsk": folder / "adir", "onnx": folder / "adir", "yaml": folder / "adir"},
+        "empty file": {k: folder / f"empty.{k}" for k in ("nsk", "onnx", "yaml")},
+        "wrong format": {k: folder / f"wrong.{k}" for k in ("nsk", "onnx", "yaml")},
+        "truncated": {k: folder / f"cut.{k}" for k in ("nsk", "onnx", "yaml")},
+        "huge header": {k: folder / f"huge.{k}" for k in ("nsk", "onnx", "yaml")},
+    }
+    for k in ("nsk", "onnx", "yaml"):
+        files["empty file"][k].write_bytes(b"")
+    files["wrong format"]["nsk"].write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200))
+    files["wrong format"]["onnx"].write_bytes(b"this is text, not a protobuf\n" * 20)
+    files["wrong format"]["yaml"].write_text("- just\n- a list\n")
+    files["truncated"]["nsk"].write_bytes(blob[: len(blob) // 2])
+    files["truncated"]["onnx"].write_bytes(b"\x08\x07\x12\x07pytorch\x1a\x032.0:\xff\x01\n")
+    files["truncated"]["yaml"].write_text(good_recipe.read_text()[: len(good_recipe.read_text()) // 2] + "\n  - {method: [")
+    head = b'{"format": "netshrink.nsk"}'
+    files["huge header"]["nsk"].write_bytes(PRELUDE.pack(MAGIC, 1, 0, 1 << 31, zlib.crc32(head)) + head)
+    _sparse_file(files["huge header"]["onnx"], (2 << 30) + 1)
+    files["huge header"]["yaml"].write_text("name: x\nnotes: '" + "y" * (2 << 20) + "'\n")
+    out = folder / "afile" / "inside"
+    cases: list[BadInput] = []
+    for kind in BAD_INPUTS[:-1]:
+        nsk, onnx, yml = (str(files[kind][k]) for k in ("nsk", "onnx", "yaml"))
+        cases += [
+            BadInput("info", kind, ["info", nsk], 2),
+            BadInput("eval", kind, ["eval", nsk, "--data", "digits"], 2),
+            BadInput("eval (onnx)", kind, ["eval", onnx, "--data", "digits"], 2),
+            BadInput("unpack", kind, ["unpack", nsk, "-o", str(folder / "o.safetensors")], 2),
+            BadInput("export", kind, ["export", nsk, "-o", str(folder / "o.onnx"), "--data", "digits"], 2),
+            BadInput("run", kind, ["run", yml, "--out", str(folder / "run-out"), "--no-progress"], 2),
+        ]
+    kind = "unwritable output"
+    cases += [
+        BadInput("unpack", kind, ["unpack", str(good_nsk), "-o", str(out / "o.safetensors")], 3),
+        BadInput("export", kind, ["export", str(good_nsk), "-o", str(out / "o.onnx"), "--data", "digits"], 3),
+        BadInput("run", kind, ["run", str(good_recipe), "--out", str(out), "--no-progress"], 3),
+    ]
+    return cases
+
+
+def run_cli_case(case: BadInput, folder: Path) -> dict[str, Any]:
+    """Run one bad-input case in-process: exit code, stderr lines, and whether any file changed."""
+    import contextlib
+    import io
+
+    from .cli import main
+
+    def listing() -> dict[str, int]:
+        return {str(p.relative_to(folder)): p.stat().st_size for p in folder.rglob("*")}
+
+    before = listing()
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        try:
+            code = main(case.argv)
+        except SystemExit as exc:  # argparse's own errors
+            code = int(exc.code or 0)
+    lines = [ln for ln in err.getvalue().strip().splitlines() if ln.strip()]
+    return {"command": case.command, "kind": case.kind, "code": code, "expected": case.expected, "lines": len(lines),
+            "message": lines[-1][:160] if lines else "", "traceback": "Traceback" in err.getvalue(), "written": listing() != before}

@@ -115,12 +115,13 @@ def run_lock(out_dir: str | os.PathLike) -> Iterator[Path]:
     with output_errors(lock):
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise _busy(out, _read_pid(lock)) from None
-            raise OutputError(f"cannot lock {describe_os_error(exc, lock)}") from None
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)  # not ours: leave the holder's pid in place
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise _busy(out, _read_pid(lock)) from None
+        raise OutputError(f"cannot lock {describe_os_error(exc, lock)}") from None
+    try:
         old = _read_pid(lock)
         if old and old != os.getpid():
             log.info("taking over the lock of %s from pid %d, which no longer runs", out, old)

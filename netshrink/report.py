@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ._extras import require
-from ._fileio import atomic_write_text
+from ._fileio import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger("netshrink.report")
 
@@ -73,9 +73,18 @@ def plot_weight_sharing(snapshots: dict[str, dict[str, list[float]]], path: Path
         ax.set_xlabel("weight value")
         ax.set_ylabel("count")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save_figure(fig, path)
     plt.close(fig)
     return path
+
+
+def _save_figure(fig, path: Path) -> None:
+    """PNG bytes rendered in memory, then written atomically (a killed run never leaves half a picture)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def plot_sparsity(layers: Sequence[tuple[str, int, int]], path: Path) -> Path:
@@ -95,7 +104,7 @@ def plot_sparsity(layers: Sequence[tuple[str, int, int]], path: Path) -> Path:
     ax.set_ylim(0, max(kept + [1.0]) * 1.15)
     ax.set_title("Non-zero weights per layer")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save_figure(fig, path)
     plt.close(fig)
     return path
 

@@ -42,8 +42,9 @@ class Seed:
     blob: bytes
 
 
-class Hang(Exception):
-    """A case ran past its time limit."""
+class Hang(BaseException):
+    """A case ran past its time limit (a BaseException, so that no ``except Exception`` on the way, e.g.
+    around a lazy import, can swallow it and leave a half-imported module behind)."""
 
 
 # ------------------------------------------------------------------------------------------ seeds
