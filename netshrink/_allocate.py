@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, Subset, TensorDataset
 
 from .errors import ConfigError, DataError
-from .task import DEFAULT_TASK, Inputs, Task, _first_line
+from .task import DEFAULT_TASK, Inputs, Task, _first_line, resolve_task
 
 
 def glob_escape(name: str) -> str:
@@ -59,7 +59,7 @@ def eval_subset(data: Any, samples: int, seed: int = 0, batch_size: int = 1000, 
     iterable of batches (tuples or dicts, as ``task`` splits them). Empty data is a :class:`DataError`."""
     if samples < 1:
         raise ConfigError("samples", f"must be at least 1, got {samples}")
-    task = task or DEFAULT_TASK
+    task = resolve_task(task)
     out: list[Any] = []
     count = 0
     if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
@@ -122,7 +122,7 @@ def iter_batches(
     """At most ``batches`` pairs ``(inputs, target)`` on ``device``, split by ``task`` (tuples, dicts,
     token tensors; classification when None): a user's DataLoader or list of batches as given, a
     Dataset drawn in a random order seeded by ``seed`` (so the batches are the same on every call)."""
-    task = task or DEFAULT_TASK
+    task = resolve_task(task)
     if isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
         gen = torch.Generator().manual_seed(seed)
         data = DataLoader(data, batch_size=batch_size, sampler=RandomSampler(data, generator=gen))
@@ -150,7 +150,7 @@ def evaluate(model: nn.Module, data: EvalSubset | Iterable[Any] | torch.Tensor, 
     (``Σ_batches loss_b · count_b / Σ count_b``). ``data``: an :class:`EvalSubset`, an iterable of
     batches, or an input tensor with targets ``y``. A loss that is not a scalar, or a metric that
     fails, raises one :class:`DataError`."""
-    task = task or DEFAULT_TASK
+    task = resolve_task(task)
     if y is not None:
         x = data
         assert isinstance(x, torch.Tensor)

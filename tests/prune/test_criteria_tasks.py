@@ -266,3 +266,16 @@ def test_a_language_model_recipe_runs_data_driven_stages_and_distills_on_its_tas
     assert obd.nonzeros < base.nonzeros and mixed.bytes < obd.bytes
     assert 1.0 < base.test_error < 6.0 and obd.test_error < 1.5 * base.test_error  # perplexities (uniform guessing: 12)
     assert mixed.test_error < 1.5 * base.test_error
+
+
+def test_auto_channel_sweeps_a_language_model_on_its_task(lm):
+    from netshrink.prune.structured.auto import AutoChannelConfig
+    from tests._task_models import lm_splits
+
+    model, _, _ = lm
+    splits = lm_splits()
+    m = copy.deepcopy(model)
+    res = prune_(m, AutoChannelConfig(reduction=0.3, budget="params", grid=[0.25, 0.5, 0.75], samples=32), data=splits,
+                 task="language_modeling")
+    assert res.measured_cost <= 0.7 * res.dense_cost and m.fc1.out_features < 24
+    assert language_modeling().evaluate(m, splits.val) < 12  # runs, better than uniform guessing

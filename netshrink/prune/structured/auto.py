@@ -28,6 +28,7 @@ from ..._registry import handler, register
 from ...config import BaseConfig, check_range
 from ...errors import ConfigError
 from ..._allocate import eval_subset, evaluate, knapsack_min
+from ...task import resolve_task
 from .channel import ChannelConfig, ChannelResult, Criterion, channel_prune, example_inputs
 from .graph import DependencyGraph
 
@@ -107,19 +108,21 @@ def _channel_config(config: AutoChannelConfig, **fields: Any) -> ChannelConfig:
 
 
 @handler(AutoChannelConfig)
-def auto_channel_prune(model: nn.Module, config: AutoChannelConfig, data: Any = None) -> AutoChannelResult:
-    """Sweep every channel group over the grid, allocate the ratios, prune once; see the module docstring."""
+def auto_channel_prune(model: nn.Module, config: AutoChannelConfig, data: Any = None, task: Any = None) -> AutoChannelResult:
+    """Sweep every channel group over the grid, allocate the ratios, prune once; see the module docstring.
+    ``task``: how batches are read and the loss of the sweep (classification when None)."""
+    task = resolve_task(task)
     val = getattr(data, "val", None)
     if val is None:
         raise ConfigError("data", "auto_channel measures each group's loss on validation data: pass data=Splits")
-    example = example_inputs(model, _channel_config(config), data)[0]
+    example = example_inputs(model, _channel_config(config), data, task)[0]
     graph = DependencyGraph.build(model, (example,))
     names = [g.producers[0] for g in graph.groups if g.size > 1 and g.producers
              and (config.layers is None or set(g.producers) & set(config.layers))]
     if not names:
         raise ConfigError("layers", "no prunable channel group among the chosen layers")
-    sub = eval_subset(val, config.samples)
-    base_loss = evaluate(model, sub)[1]
+    sub = eval_subset(val, config.samples, task=task)
+    base_loss = evaluate(model, sub, task=task)[1]
     dense = _cost(model, example, config.budget, config.latency_batch, config.latency_runtime)
     grid = sorted(set(config.grid))
     savings, rises = [], []
@@ -127,9 +130,9 @@ def auto_channel_prune(model: nn.Module, config: AutoChannelConfig, data: Any = 
         s, r = [0.0], [0.0]  # option 0: the group stays dense
         for ratio in grid:
             trial = copy.deepcopy(model)
-            channel_prune(trial, _channel_config(config, ratio=0.0, layer_ratio={name: ratio}, layers=[name]), data=data)
+            channel_prune(trial, _channel_config(config, ratio=0.0, layer_ratio={name: ratio}, layers=[name]), data=data, task=task)
             s.append(max(0.0, dense - _cost(trial, example, config.budget, config.latency_batch, config.latency_runtime)))
-            r.append(max(0.0, evaluate(trial, sub)[1] - base_loss))
+            r.append(max(0.0, evaluate(trial, sub, task=task)[1] - base_loss))
         savings.append(np.maximum.accumulate(np.asarray(s)))  # a higher ratio never saves less
         rises.append(np.maximum.accumulate(np.asarray(r)))
     need = config.reduction * dense
@@ -146,7 +149,7 @@ def auto_channel_prune(model: nn.Module, config: AutoChannelConfig, data: Any = 
         choice = knapsack_min(costs, rises, float(np.floor(max(0.0, most - need) * scale)), config.resolution)
         layer_ratio = {n: grid[j - 1] for n, j in zip(names, choice) if j > 0}
         trial = copy.deepcopy(model)
-        channel_prune(trial, _channel_config(config, ratio=0.0, layer_ratio=layer_ratio, layers=list(layer_ratio) or names[:1]), data=data)
+        channel_prune(trial, _channel_config(config, ratio=0.0, layer_ratio=layer_ratio, layers=list(layer_ratio) or names[:1]), data=data, task=task)
         measured = _cost(trial, example, config.budget, config.latency_batch, config.latency_runtime)
         if measured <= target * (1 + 1e-9) or need >= most:
             break
@@ -154,7 +157,7 @@ def auto_channel_prune(model: nn.Module, config: AutoChannelConfig, data: Any = 
     predicted = dense - sum(float(s[j]) for s, j in zip(savings, choice))
     rise = sum(float(r[j]) for r, j in zip(rises, choice))
     pruned = channel_prune(model, _channel_config(config, ratio=0.0, layer_ratio=layer_ratio, layers=list(layer_ratio) or names[:1]),
-                           data=data)
+                           data=data, task=task)
     log.info("auto_channel: %s; %s %.4g -> predicted %.4g, measured %.4g", layer_ratio, config.budget, dense, predicted, measured)
     return AutoChannelResult(pruned.channels, pruned.removed, pruned.groups, pruned.notes, layer_ratio=layer_ratio,
                              budget=config.budget, dense_cost=dense, predicted_cost=predicted, measured_cost=measured,
