@@ -91,11 +91,15 @@ def _gemm_ok(node: Any) -> bool:
     trans_b = attrs["transB"].i if "transB" in attrs else 0
     alpha = attrs["alpha"].f if "alpha" in attrs else 1.0
     beta = attrs["beta"].f if "beta" in attrs else 1.0
-    return trans_a == 0 and trans_b == 1 and alpha == 1.0 and beta == 1.0
+    return trans_a == 0 and trans_b in (0, 1) and alpha == 1.0 and beta == 1.0
 
 
-def _channel_view(v: np.ndarray, ndim: int) -> np.ndarray:
-    return v.reshape((-1,) + (1,) * (ndim - 1)) if v.ndim else v
+def _channel_view(v: np.ndarray, ndim: int, axis: int | None = 0) -> np.ndarray:
+    if not v.ndim or axis is None:
+        return v
+    shape = [1] * ndim
+    shape[axis] = -1
+    return v.reshape(shape)
 
 
 def _transposed_copy(gr: _Graph, w: np.ndarray | None) -> str | None:
@@ -143,7 +147,8 @@ def _quantize_layer(
     if quant_w:
         s_w = wqp.scale.detach().cpu().numpy().astype(np.float32)
         z_w = wqp.zero_point.detach().cpu().numpy()
-        codes = np.round(w / _channel_view(s_w, w.ndim)) + _channel_view(z_w, w.ndim)
+        ax = wqp.axis if s_w.ndim else None  # the output-channel axis in the module's layout (1 for GPT-2's Conv1D)
+        codes = np.round(w / _channel_view(s_w, w.ndim, ax)) + _channel_view(z_w, w.ndim, ax)
         lo, hi = (-128, 127) if wqp.signed else (0, 255)
         codes = np.clip(codes, lo, hi)
         if wqp.signed and unsigned_weights:  # the same values as uint8 codes with zero point 128
@@ -154,7 +159,7 @@ def _quantize_layer(
         qi = gr.add_init(f"{wname}_quantized", codes)
         si = gr.add_init(f"{wname}_scale", s_w)
         zi = gr.add_init(f"{wname}_zero_point", z_w.astype(codes.dtype))
-        attrs = {"axis": 1 if matmul else 0} if s_w.ndim else {}
+        attrs = {"axis": (1 - ax) if matmul else ax} if s_w.ndim else {}
         node.input[1] = gr.node("DequantizeLinear", [qi, si, zi], f"{wname}_dequantized", **attrs)
         gr.drop_init(wname)
     if aqp is None:

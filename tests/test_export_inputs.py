@@ -310,3 +310,34 @@ def test_example_inputs_the_model_rejects_are_one_line(tmp_path):
     with pytest.raises(ModelError, match="rejects the example inputs") as exc:
         export_onnx(m, tmp_path / "x.onnx", torch.randn(2, 6))  # forward needs two inputs
     assert "\n" not in str(exc.value) and not (tmp_path / "x.onnx").exists()
+
+
+class Conv1D(nn.Module):
+    """The layer GPT-2 uses (transformers' ``Conv1D``): ``y = x W + b`` with ``W`` of shape (in, out)."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.2)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        shape = x.size()[:-1] + (self.nf,)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(shape)
+
+
+def test_gpt2_conv1d_layers_are_quantized_per_output_channel_and_export(tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(Conv1D(24, 12), nn.GELU(), Conv1D(5, 24)).eval()
+    x = torch.randn(64, 7, 12)
+    ref = m(x).detach()
+    q = copy.deepcopy(m)
+    res = quantize_(q, Int8Config(), data=x)
+    assert set(res.bits) == {"0", "2"} and set(res.inputs) == {"0", "2"}
+    wq = q[0].parametrizations.weight[0]
+    assert wq.axis == 1 and wq.scale.shape == (24,)  # one scale per output channel (axis 1 of an (in, out) weight)
+    assert (q(x) - ref).abs().max() <= 0.05 * ref.abs().max()
+    exp = export_onnx(q, tmp_path / "c1d.onnx", x[:2], int8=True)
+    assert set(exp.quantized) == {"0", "2"}
+    sim = q(x).detach().numpy()
+    assert np.abs(ort_predict(ort_session(exp.path, threads=1), x) - sim).max() <= 0.02 * np.abs(sim).max()

@@ -40,7 +40,8 @@ from .observers import (
 
 
 class WeightFakeQuant(WeightQuantizer):
-    """Parametrization ``W -> fake_quantize(W)``, per tensor or per output channel (axis 0).
+    """Parametrization ``W -> fake_quantize(W)``, per tensor or per output channel (``channel_axis``: 0, or 1
+    for a weight stored ``(in, out)`` as GPT-2's Conv1D).
 
     ``observer`` picks the range from the weight (``minmax``, ``percentile``, ``mse``; see
     :mod:`netshrink.quantize.observers`). ``dynamic=True`` (QAT) re-observes the weight at every
@@ -58,11 +59,12 @@ class WeightFakeQuant(WeightQuantizer):
         percentile: float = 99.99,
         dynamic: bool = False,
         rounding: Rounding = "nearest",
+        channel_axis: int = 0,
     ):
         super().__init__()
         check_bits(bits)
         self.bits, self.symmetric, self.signed = bits, symmetric, symmetric
-        self.axis = 0 if per_channel else None
+        self.axis = channel_axis if per_channel else None
         self.observer, self.percentile, self.dynamic, self.rounding = observer, percentile, dynamic, rounding
         qp = self._observe(weight)
         self.register_buffer("scale", qp.scale.to(weight.device))

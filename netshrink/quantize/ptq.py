@@ -4,7 +4,7 @@ training (QAT), dispatched by ``quantize_``.
 PTQ (``UniformConfig``, method ``"uniform"``; ``Int8Config``, ``"int8"``; Jacob et al., CVPR 2018;
 Krishnamoorthi, "Quantizing deep convolutional networks for efficient inference", 2018):
 
-1. each chosen Linear/Conv weight gets a :class:`~netshrink.quantize.fake.WeightFakeQuant`, its range
+1. each chosen Linear/Conv weight (and transformers' GPT-2 ``Conv1D``, per channel along its axis 1) gets a :class:`~netshrink.quantize.fake.WeightFakeQuant`, its range
    chosen by the weight observer (per output channel or per tensor, symmetric or not);
 2. with ``activations``, each chosen layer's input gets an
    :class:`~netshrink.quantize.fake.ActFakeQuant`, calibrated by running the calibration data through
@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._layers import per_layer
+from .._layers import is_gpt2_conv1d, out_axis, per_layer
 from .._registry import handler, register
 from ..config import BaseConfig, check_range
 from ..errors import ConfigError, DataError
@@ -163,6 +163,18 @@ class UniformResult:
     converted_attention: list[str] = field(default_factory=list)
 
 
+def _with_gpt2_conv1d(model: nn.Module, chosen: dict[str, nn.Module], patterns: list[str] | None) -> dict[str, nn.Module]:
+    """``chosen`` plus the transformers ``Conv1D`` layers (GPT-2; ``y = x W + b``, ``W`` of shape (in, out))
+    that ``patterns`` name (all when None), in model order."""
+    import fnmatch
+
+    extra = {n: m for n, m in model.named_modules() if "parametrizations" not in n.split(".") and is_gpt2_conv1d(m)
+             and (patterns is None or any(fnmatch.fnmatchcase(n, p) for p in patterns))}
+    if not extra:
+        return chosen
+    return {n: m for n, m in model.named_modules() if n in chosen or n in extra}
+
+
 def _unsupported(model: nn.Module, chosen: dict[str, nn.Module], patterns: list[str] | None) -> dict[str, str]:
     """Modules with a matrix weight in scope that uniform quantization does not handle, with the reason."""
     import fnmatch
@@ -282,7 +294,7 @@ def calibrate_(model: nn.Module, quantizers: dict[str, ActFakeQuant], batches: l
 
 def _channel_mean(y: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """Per output channel (last axis for Linear, axis 1 for Conv) the sum of ``y`` over everything else."""
-    axis = -1 if isinstance(layer, nn.Linear) else 1
+    axis = -1 if isinstance(layer, nn.Linear) or is_gpt2_conv1d(layer) else 1
     return y.detach().to(torch.float64).movedim(axis, 0).reshape(y.shape[axis], -1).sum(dim=1)
 
 
@@ -296,7 +308,7 @@ def _mean_output(model: nn.Module, layer: nn.Module, batches: list[Any]) -> torc
 
     def grab(_m: nn.Module, _inp: Any, out: torch.Tensor) -> None:
         total.append(_channel_mean(out, layer))
-        axis = -1 if isinstance(layer, nn.Linear) else 1
+        axis = -1 if isinstance(layer, nn.Linear) or is_gpt2_conv1d(layer) else 1
         count[0] += out.numel() // out.shape[axis]
 
     handle = layer.register_forward_hook(grab)
@@ -346,7 +358,7 @@ def _prepare(model: nn.Module, config: UniformConfig, data: Any, qat: bool, task
     if in_scope(model, config.layers):  # MHA reads out_proj.weight itself: separate q/k/v/out Linear layers first
         converted = convert_attention_(model, config.layers)
         log.info("%s: converted nn.MultiheadAttention %s to separate q/k/v/out projections first", method, ", ".join(converted))
-    layers = select_quantizable(model, config.layers, method)
+    layers = _with_gpt2_conv1d(model, select_quantizable(model, config.layers, method), config.layers)
     bits = per_layer(layers, config.layer_bits, config.bits, "layer_bits")
     check_not_quantized(layers)
     device = model_device(model)
@@ -378,7 +390,8 @@ def _prepare(model: nn.Module, config: UniformConfig, data: Any, qat: bool, task
 
     for name, layer in layers.items():
         w = layer.weight.detach().clone()
-        q = WeightFakeQuant(w, bits[name], config.symmetric, config.per_channel, config.observer, config.percentile, dynamic=qat)
+        q = WeightFakeQuant(w, bits[name], config.symmetric, config.per_channel, config.observer, config.percentile, dynamic=qat,
+                            channel_axis=out_axis(layer))
         add_weight_quantizer(layer, q, where=name)
         result.bits[name] = bits[name]
         result.weight_sqnr_db[name] = sqnr_db(w, layer.weight.detach())
