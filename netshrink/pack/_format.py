@@ -132,15 +132,22 @@ def _finite_float(text: str) -> float:
     return value
 
 
+#: a deflated header may inflate to at most ``2**20 + INFLATE_RATIO * its stored length`` (the writer's
+#: JSON deflates about 3-5x; a bomb of 100 KB cannot ask for 64 MB of JSON to parse)
+INFLATE_RATIO = 32
+
+
 def _inflate(raw: bytes, where: str) -> bytes:
-    """The deflated header, inflated with a cap: a small bomb cannot allocate more than the limit."""
+    """The deflated header, inflated with a cap proportional to its stored size: a small bomb cannot
+    allocate (or make the JSON parser build) more than the limit."""
+    limit = min(MAX_HEADER_BYTES, (1 << 20) + INFLATE_RATIO * len(raw))
     d = zlib.decompressobj()
     try:
-        out = d.decompress(raw, MAX_HEADER_BYTES + 1)
+        out = d.decompress(raw, limit + 1)
     except zlib.error as exc:
         raise FormatError(f"{where}: deflated header at offset {PRELUDE.size} is corrupt: {exc}") from None
-    if len(out) > MAX_HEADER_BYTES or d.unconsumed_tail:
-        raise FormatError(f"{where}: header inflates past the {MAX_HEADER_BYTES}-byte limit")
+    if len(out) > limit or d.unconsumed_tail:
+        raise FormatError(f"{where}: header inflates past the {limit}-byte limit for its {len(raw)} stored bytes")
     if not d.eof or d.unused_data:
         raise FormatError(f"{where}: deflated header at offset {PRELUDE.size} is truncated or has trailing bytes")
     return out

@@ -182,3 +182,15 @@ def test_structure_aware_fuzzing_finds_only_our_own_errors(seeds, tmp_path):
     assert counts.get("crash", 0) == 0 and counts.get("hang", 0) == 0
     assert counts.get("FormatError", 0) > 300 and counts.get("ok", 0) > 50  # the mutations reach deep and also pass
     assert _fuzz.peak_rss_mb() - before < 1024
+
+
+def test_a_small_deflated_header_cannot_inflate_to_megabytes(tmp_path):
+    import zlib
+
+    from netshrink.pack._format import MAGIC, PRELUDE
+
+    text = zlib.compress(b"[" + b"0," * (2 << 20) + b"0]", 9)  # 4 MiB of JSON numbers in a few KB
+    p = tmp_path / "bomb.nsk"
+    p.write_bytes(PRELUDE.pack(MAGIC, 1, 1, len(text), zlib.crc32(text)) + text)
+    with pytest.raises(FormatError, match="inflates past the .*-byte limit for its"):
+        read_info(p)
