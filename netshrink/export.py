@@ -84,6 +84,10 @@ class ExportResult:
     input_names: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     float_weights: list[str] = field(default_factory=list)
+    #: tensors around residual Adds given Q/DQ pairs (:mod:`netshrink.quantize.qdq_residual`)
+    residual_quantized: list[str] = field(default_factory=list)
+    #: what the export chose or could not do, in words (e.g. residual adds left in float and why)
+    notes: list[str] = field(default_factory=list)
 
 
 def _is_shape(example: Any) -> bool:
@@ -337,10 +341,11 @@ def export_onnx(
     int8: bool = False,
     calibration: Any = None,
     calibration_samples: int = 512,
-    unsigned_weights: bool = True,
+    unsigned_weights: bool | str = "auto",
     task: Any = None,
     dynamic_axes: dict[str, dict[int, str]] | None = None,
     float_unfused: bool = False,
+    quantize_adds: bool = True,
 ) -> ExportResult:
     """Write ``model`` as ONNX to ``path`` (atomically): fp32, or int8 QDQ with ``int8=True`` (module docstring).
 
@@ -354,6 +359,11 @@ def export_onnx(
     feeds a residual Add or a graph output, not a quantized input) keeps its fake-quantized weight in
     float (listed in ``float_weights``; the same values, run by onnxruntime's float kernel instead of
     dequantizing the weight at every call: faster, a larger file); by default every layer stores int8 codes.
+    ``unsigned_weights``: ``"auto"`` (default) stores int8 weights as int8 where this CPU has VNNI dot
+    products (onnxruntime's u8s8 kernels are exact and fastest there) and as uint8 codes elsewhere (see the
+    module docstring). ``quantize_adds`` (default): the residual Adds get Q/DQ pairs calibrated on
+    ``calibration`` (:mod:`netshrink.quantize.qdq_residual`) so onnxruntime runs them as QLinearAdd and every
+    conv before them as QLinearConv; without calibration data they stay float (said in ``notes``).
     Unsupported ops, layers the int8 rewrite cannot place, a model that rejects the example
     and a missing calibration set are one-line errors.
     """
@@ -394,7 +404,21 @@ def export_onnx(
     adapter = _Adapter(plain, example, task.output_key)
     proto = _trace(adapter, dynamic_axes)
     weights = {n: m.weight.detach().cpu().numpy().astype(np.float32) for n, m in plain.named_modules() if n in quant}
+    if unsigned_weights == "auto":
+        unsigned_weights = not cpu_has_vnni()
     wl, al, floats = int8_graph(proto, quant, unsigned_weights, "", hints, weights, float_unfused) if int8 else ([], [], [])
+    adds: list[str] = []
+    notes: list[str] = [f"int8 weights stored as {'uint8 codes (zero point 128)' if unsigned_weights else 'int8'}"] if int8 else []
+    if int8 and quantize_adds:
+        from .quantize.qdq_residual import quantize_residual_adds, residual_points
+
+        if residual_points(proto):
+            feeds = _calibration_feeds(proto, calibration, task, calibration_samples)
+            if feeds:
+                adds = quantize_residual_adds(proto, feeds)
+                notes.append(f"{len(adds)} tensors around residual Adds quantized (calibrated on {sum(len(next(iter(f.values()))) for f in feeds)} examples)")
+            else:
+                notes.append("residual Adds left in float: no calibration data was given to calibrate them")
     try:
         onnx.checker.check_model(proto)
     except Exception as exc:
@@ -405,7 +429,47 @@ def export_onnx(
     for n in proto.graph.node:
         ops[n.op_type] += 1
     log.info("exported %s (%s, %d bytes)", os.fspath(path), "int8" if int8 else "fp32", len(blob))
-    return ExportResult(os.fspath(path), len(blob), int8, wl, al, dict(ops), adapter.names(), skipped, floats)
+    return ExportResult(os.fspath(path), len(blob), int8, wl, al, dict(ops), adapter.names(), skipped, floats, adds, notes)
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has 8-bit dot-product instructions (x86 AVX-512 VNNI / AVX-VNNI, Arm dotprod)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read(1 << 20)
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", " asimddp"))
+
+
+def _calibration_feeds(proto: Any, calibration: Any, task: Any, samples: int) -> list[dict[str, np.ndarray]]:
+    """Up to ``samples`` calibration examples as onnxruntime feeds of the graph ``proto`` (batches of 32)."""
+    if calibration is None:
+        return []
+    import onnxruntime as ort
+    from torch.utils.data import DataLoader, Dataset
+
+    from .task import batches
+
+    source = getattr(calibration, "train", calibration)
+    if isinstance(source, torch.Tensor):
+        source = [(source, torch.zeros(len(source)))]
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    feeds, seen = [], 0
+    if isinstance(source, Dataset) and not isinstance(source, DataLoader) and hasattr(source, "__len__"):
+        n = min(samples, len(source))
+        source = torch.utils.data.Subset(source, range(n))
+    for batch in batches(source, 32):
+        inputs, _ = task.split(batch)
+        inputs = inputs.take(samples - seen)
+        feeds.append(ort_feed(session, inputs))
+        seen += inputs.batch_size
+        if seen >= samples:
+            break
+    return feeds
 
 
 # ------------------------------------------------------------------------------------------- runner
@@ -561,4 +625,4 @@ def onnx_input_shape(session: Any) -> tuple[int, ...]:
     return tuple(dims)
 
 
-__all__ = ["ExportResult", "example_inputs", "export_onnx", "onnx_input_shape", "ort_error_rate", "ort_feed", "ort_latency", "ort_predict", "ort_session"]
+__all__ = ["ExportResult", "cpu_has_vnni", "example_inputs", "export_onnx", "onnx_input_shape", "ort_error_rate", "ort_feed", "ort_latency", "ort_predict", "ort_session"]

@@ -380,7 +380,7 @@ DEFAULT_TASK = classification()
 def resolve_task(spec: Any = None, field: str = "task") -> Task:
     """A :class:`Task` from None (classification), a name, ``{name: ..., <args>}`` or a Task."""
     if spec is None:
-        return DEFAULT_TASK
+        return classification()  # a fresh object: a caller that changes it changes no one else's task
     if isinstance(spec, Task):
         return spec
     args: dict[str, Any] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -114,8 +115,7 @@ def test_error_matches_classification_and_mse():
 
 
 def test_bad_loss_and_metric_are_one_clear_error():
-    task = resolve_task()
-    task.loss = lambda out, y: nn.functional.cross_entropy(out, y, reduction="none")
+    task = dataclasses.replace(resolve_task(), loss=lambda out, y: nn.functional.cross_entropy(out, y, reduction="none"))
     with pytest.raises(DataError, match="scalar tensor"):
         task.compute_loss(torch.randn(4, 3), torch.arange(3).repeat(2)[:4])
     reg = resolve_task("regression")
