@@ -26,7 +26,6 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 from torch import nn
