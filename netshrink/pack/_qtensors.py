@@ -150,6 +150,10 @@ def encode_quant(name: str, t: torch.Tensor, hint: Any, coding: str, base: dict)
         return _encode_signs(t, hint.kind, coding, base)
     if hint.kind == "cast":
         return _encode_cast(t, hint.dtype, base)
+    if hint.kind == "groupq":  # GPTQ / RTN / AWQ codes (issue 15)
+        from ._groupq import encode_groupq
+
+        return encode_groupq(name, t, hint, coding, base)
     return None
 
 

@@ -172,6 +172,10 @@ def _check_quant(entry: dict, encoding: str, shape: tuple[int, ...], where: str)
 
 def check_entry(entry: Any, where: str, sections: Sequence[int]) -> TensorSpec:
     """Validate one header tensor entry against the schema; ``sections`` = the sections' byte lengths."""
+    if isinstance(entry, dict) and entry.get("encoding") in ("groupq", "groupq_awq"):
+        from ._groupq import check_groupq_entry  # group-quantized weights (issue 15)
+
+        return check_groupq_entry(entry, where, sections)
     name = field(entry, "name", str, where)
     if not 0 < len(name) <= MAX_NAME_CHARS:
         raise FormatError(f"{where}.name: expected 1 to {MAX_NAME_CHARS} characters")

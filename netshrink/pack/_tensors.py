@@ -268,6 +268,9 @@ CODECS: dict[str, Codec] = {
     "sparse_codebook": Codec(PARTS["sparse_codebook"], _decode_codebook),
     **{name: Codec(PARTS[name], _decode_quant) for name in QUANT},
 }
+from ._groupq import groupq_codecs  # noqa: E402  (group-quantized weights, issue 15)
+
+CODECS.update(groupq_codecs())
 
 
 def decode_tensor(spec: TensorSpec, views: list[memoryview], where: str) -> Decoded:

@@ -186,7 +186,9 @@ def _emit(f: BinaryIO, model: nn.Module, coding: str, metadata: dict[str, Any] |
         raise ConfigError("metadata", f"must be a dict, got {type(metadata).__name__}")
     _check_json(metadata, lambda msg: ConfigError("metadata", msg))
     structures = _structures(model)
-    hints = storage_hints(model)
+    from ._groupq import groupq_hints
+
+    hints = {**storage_hints(model), **groupq_hints(model)}
     entries, sections = [], []
     for name, tensor in _packable(model).items():
         enc = encode_tensor(name, tensor, structures.get(name), coding, hints.get(name))

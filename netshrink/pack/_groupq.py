@@ -1,0 +1,183 @@
+"""Group-quantized weights in .nsk at their true bit widths (GPTQ, RTN, AWQ, SparseGPT + bits).
+
+Encodings (one header entry per tensor; every part one section):
+
+* ``groupq``: ``codes`` — a stream of the ``(out, in)`` weight's codes ``q`` in ``[0, 2^bits)``, ``bits``
+  wide (bit-packed, or Huffman where smaller); ``scale`` — float32, one per row and group;
+  ``zero`` — a stream of the integer zero points, ``bits`` wide, one per row and group. The weight is
+  ``w_ij = s_{i,g} (q_ij - z_{i,g})`` with ``g = j // group_size``.
+* ``groupq_awq``: the same plus ``in_scale`` — float32, one per input column (AWQ): ``w_ij /= a_j``.
+
+The entry's ``groupq`` field holds ``bits`` (2-8) and ``group_size`` (divides the input width). The
+check validates every field, count and stream width against the shape before anything is decoded;
+the decoder computes the weights with the operations of
+:meth:`netshrink.quantize.gptq.GroupQuant.dequantize`, and the encoder keeps the encoding only when
+the decoded tensor equals the weight bit for bit. A SparseGPT + bits weight stores its pruned entries
+as the zero-point code, which decodes to exactly +0.0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import FormatError
+from ._format import int_field
+from ._schema import DTYPES, MAX_CODE_BITS, MAX_DIM, MAX_NAME_CHARS, TensorSpec, _check_array, _check_stream, _keys, _section_bytes, _str_in, field
+
+GROUPQ_PARTS: dict[str, dict[str, str]] = {
+    "groupq": {"codes": "stream", "scale": "array", "zero": "stream"},
+    "groupq_awq": {"codes": "stream", "scale": "array", "zero": "stream", "in_scale": "array"},
+}
+_ENTRY_KEYS = {"name", "shape", "dtype", "encoding", "masked", "nonzeros", "kept", "parts", "groupq"}
+
+
+@dataclass(frozen=True)
+class GroupHint:
+    """Storage hint of a weight that carries group codes (``module.netshrink_groupq``)."""
+
+    gq: Any
+    conv1d: bool = False
+    kind: str = "groupq"
+
+
+def groupq_hints(model: nn.Module) -> dict[str, GroupHint]:
+    """A :class:`GroupHint` per Linear weight with group codes, by plain state_dict name."""
+    out = {}
+    for name, m in model.named_modules():
+        gq = getattr(m, "netshrink_groupq", None)
+        if gq is not None and isinstance(m, nn.Linear):
+            out[f"{name}.weight" if name else "weight"] = GroupHint(gq)
+    return out
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int, in_scale: torch.Tensor | None) -> torch.Tensor:
+    """``s (q - z)`` [``/ a``] in float32, as :meth:`GroupQuant.dequantize` computes it."""
+    s = scale.float().repeat_interleave(group, dim=1)
+    z = zero.float().repeat_interleave(group, dim=1)
+    w = s * (q.float() - z)
+    return w if in_scale is None else w / in_scale.float()[None, :]
+
+
+def encode_groupq(name: str, t: torch.Tensor, hint: GroupHint, coding: str, base: dict) -> Any:
+    """The ``groupq`` / ``groupq_awq`` encoding of ``t``, or None when the codes do not reproduce it exactly."""
+    from ._streams import code_stream
+    from ._tensors import Encoded, tensor_bytes
+
+    gq = hint.gq
+    q, scale, zero = gq.q, gq.scale, gq.zero
+    bits, group = int(gq.bits), int(gq.group_size)
+    if t.dtype != torch.float32 or t.dim() != 2 or tuple(q.shape) != tuple(t.shape) or not 2 <= bits <= 8:
+        return None
+    rows, cols = t.shape
+    if group < 1 or cols % group or tuple(scale.shape) != (rows, cols // group) or tuple(zero.shape) != (rows, cols // group):
+        return None
+    qn, zn = q.to(torch.int64), zero.to(torch.int64)
+    if int(qn.min()) < 0 or int(qn.max()) >= 1 << bits or int(zn.min()) < 0 or int(zn.max()) >= 1 << bits:
+        return None
+    a = None if gq.in_scale is None else gq.in_scale.detach().float().contiguous()
+    w = dequantize(qn, scale.float(), zn, group, a)
+    if not torch.equal(w.view(torch.int32), t.contiguous().view(torch.int32)):
+        return None
+    cs = code_stream(qn.numpy().reshape(-1), bits, coding)
+    zs = code_stream(zn.numpy().reshape(-1), bits, coding)
+    sc = scale.detach().float().contiguous().reshape(-1)
+    parts = {"codes": cs.describe(), "scale": {"dtype": "float32", "count": sc.numel()}, "zero": zs.describe()}
+    data = [("codes", cs.data), ("scale", tensor_bytes(sc)), ("zero", zs.data)]
+    encoding = "groupq"
+    if a is not None:
+        encoding = "groupq_awq"
+        parts["in_scale"] = {"dtype": "float32", "count": cols}
+        data.append(("in_scale", tensor_bytes(a)))
+    entry = dict(base, encoding=encoding, masked=False, kept=t.numel(), parts=parts, groupq={"bits": bits, "group_size": group})
+    return Encoded(entry, data)
+
+
+def check_groupq_entry(entry: Any, where: str, sections: Sequence[int]) -> TensorSpec:
+    """Validate a ``groupq`` / ``groupq_awq`` header entry (types, bounds, counts, stream widths)."""
+    if not isinstance(entry, dict):
+        raise FormatError(f"{where}: expected a mapping")
+    name = field(entry, "name", str, where)
+    if not 0 < len(name) <= MAX_NAME_CHARS:
+        raise FormatError(f"{where}.name: expected 1 to {MAX_NAME_CHARS} characters")
+    where = f"{where} ({name[:80]!r})"
+    encoding = _str_in(entry, "encoding", tuple(GROUPQ_PARTS), where)
+    _keys(entry, _ENTRY_KEYS, set(), where)
+    shape = field(entry, "shape", list, where)
+    if len(shape) != 2:
+        raise FormatError(f"{where}.shape: {encoding} needs a 2-D weight, got {len(shape)} dimensions")
+    rows, cols = (int_field({f"[{i}]": d}, f"[{i}]", f"{where}.shape", 1, MAX_DIM) for i, d in enumerate(shape))
+    dtype = _str_in(entry, "dtype", tuple(DTYPES), where)
+    if dtype != "float32":
+        raise FormatError(f"{where}.dtype: {encoding} needs float32, got {dtype}")
+    numel = rows * cols
+    kept = int_field(entry, "kept", where, numel, numel)
+    nonzeros = int_field(entry, "nonzeros", where, 0, numel)
+    masked = field(entry, "masked", bool, where)
+    if masked:
+        raise FormatError(f"{where}.masked: {encoding} stores no mask")
+    g = field(entry, "groupq", dict, where)
+    _keys(g, {"bits", "group_size"}, set(), f"{where}.groupq")
+    bits = int_field(g, "bits", f"{where}.groupq", 2, 8)
+    group = int_field(g, "group_size", f"{where}.groupq", 1, cols)
+    if cols % group:
+        raise FormatError(f"{where}.groupq.group_size: {group} does not divide the input width {cols}")
+    groups = rows * (cols // group)
+    parts = field(entry, "parts", dict, where)
+    want = GROUPQ_PARTS[encoding]
+    if set(parts) != set(want):
+        raise FormatError(f"{where}.parts: {encoding} needs parts {list(want)}, got {sorted(map(str, parts))[:8]}")
+    for pname in want:
+        desc, pw = parts[pname], f"{where}.parts.{pname}"
+        nbytes = _section_bytes(desc, pw, sections)
+        if pname == "codes":
+            _check_stream(desc, pw, nbytes, MAX_CODE_BITS, (numel, numel), bits)
+        elif pname == "zero":
+            _check_stream(desc, pw, nbytes, MAX_CODE_BITS, (groups, groups), bits)
+        elif pname == "scale":
+            _check_array(desc, pw, ("float32",), (groups, groups))
+        else:
+            _check_array(desc, pw, ("float32",), (cols, cols))
+    return TensorSpec(name, (rows, cols), dtype, encoding, False, nonzeros, kept, parts, {"bits": bits, "group_size": group})
+
+
+def _decode_groupq(spec: TensorSpec, part: Any) -> Any:
+    from ._streams import decode_stream
+    from ._tensors import Decoded, bytes_tensor
+
+    rows, cols = spec.shape
+    bits, group = int(spec.quant["bits"]), int(spec.quant["group_size"])
+    groups = rows * (cols // group)
+    desc, data, w = part("codes")
+    q = decode_stream(desc, data, w, bits, spec.numel)
+    if q.size != spec.numel:
+        raise FormatError(f"{w}: {q.size} codes, expected {spec.numel}")
+    desc, data, w = part("zero")
+    z = decode_stream(desc, data, w, bits, groups)
+    if z.size != groups:
+        raise FormatError(f"{w}: {z.size} zero points, expected {groups}")
+    desc, data, w = part("scale")
+    s = bytes_tensor(data, "float32", groups, w)
+    a = None
+    if spec.encoding == "groupq_awq":
+        desc, data, w = part("in_scale")
+        a = bytes_tensor(data, "float32", cols, w)
+    qt = torch.from_numpy(q.astype(np.int64)).reshape(rows, cols)
+    zt = torch.from_numpy(z.astype(np.int64)).reshape(rows, cols // group)
+    return Decoded(dequantize(qt, s.reshape(rows, cols // group), zt, group, a))
+
+
+def groupq_codecs() -> dict[str, Any]:
+    """The codec table entries of the group encodings (see :data:`netshrink.pack._tensors.CODECS`)."""
+    from ._tensors import Codec
+
+    return {name: Codec(parts, _decode_groupq, check_groupq_entry) for name, parts in GROUPQ_PARTS.items()}
+
+
+_ = math
+__all__ = ["GROUPQ_PARTS", "GroupHint", "check_groupq_entry", "encode_groupq", "groupq_codecs", "groupq_hints"]

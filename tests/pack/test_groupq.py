@@ -1,0 +1,90 @@
+"""Group-quantized weights (GPTQ/RTN/AWQ/SparseGPT+bits) in .nsk at their true bit widths: exact round
+trips, sizes, and every header field checked before decoding."""
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lm_helpers import calib, tiny_lm  # noqa: E402
+
+from netshrink.errors import FormatError  # noqa: E402
+from netshrink.pack import load, pack  # noqa: E402
+from netshrink.pack._groupq import check_groupq_entry, encode_groupq, GroupHint  # noqa: E402
+from netshrink.prune import SparseGptConfig, prune_  # noqa: E402
+from netshrink.quantize import AwqConfig, RtnConfig, quantize_  # noqa: E402
+from netshrink.quantize.gptq import rtn_quantize  # noqa: E402
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_rtn_round_trip_is_exact_at_the_true_width(tmp_path, bits):
+    m = tiny_lm()
+    quantize_(m, RtnConfig(bits=bits, group_size=32))
+    st = pack(m, tmp_path / "m.nsk", coding="fixed")
+    q = {t.name: t for t in st.tensors}["layers.0.mlp.up_proj.weight"]
+    assert q.encoding == "groupq"
+    assert q.nbytes <= 128 * 64 * bits / 8 + 128 * 2 * (4 + 1) + 8  # codes + fp32 scales + zero points
+    ids = calib(2)[0][None]
+    m2 = load(tmp_path / "m.nsk")
+    assert torch.equal(m(ids), m2(ids))
+    for (n, p), (_, p2) in zip(m.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(p, p2), n
+
+
+def test_awq_and_sparse_four_bit_round_trip(tmp_path):
+    for fn, cfg in ((quantize_, AwqConfig(bits=4, group_size=32, samples=8, progress=False)),
+                    (prune_, SparseGptConfig(sparsity=0.5, bits=4, group_size=32, samples=8, progress=False))):
+        m = tiny_lm()
+        fn(m, cfg, data=calib(8))
+        st = pack(m, tmp_path / "m.nsk")
+        assert {t.encoding for t in st.tensors} >= {"groupq"} or {"groupq_awq"} <= {t.encoding for t in st.tensors}
+        ids = calib(2)[1][None]
+        assert torch.equal(m(ids), load(tmp_path / "m.nsk")(ids))
+
+
+def test_encoder_refuses_codes_that_do_not_reproduce_the_weight():
+    w = torch.randn(4, 32)
+    gq = rtn_quantize(w, 4, 16)
+    base = {"name": "w", "shape": [4, 32], "dtype": "float32", "nonzeros": 128}
+    assert encode_groupq("w", gq.dequantize(), GroupHint(gq), "fixed", base) is not None
+    assert encode_groupq("w", w, GroupHint(gq), "fixed", base) is None
+
+
+def _entry():
+    gq = rtn_quantize(torch.randn(4, 32), 3, 16)
+    enc = encode_groupq("w", gq.dequantize(), GroupHint(gq), "fixed", {"name": "w", "shape": [4, 32], "dtype": "float32", "nonzeros": 128})
+    entry = copy.deepcopy(enc.entry)
+    for i, p in enumerate(entry["parts"].values()):
+        p["section"] = i
+    return entry, [len(b) for _, b in enc.parts]
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda e: e["groupq"].update(bits=9), "bits"),
+    (lambda e: e["groupq"].update(group_size=12), "does not divide"),
+    (lambda e: e.update(shape=[4, 32, 1]), "2-D"),
+    (lambda e: e["parts"]["scale"].update(count=7), "count"),
+    (lambda e: e["parts"]["codes"].update(bits=4), "bits"),
+    (lambda e: e["parts"].pop("zero"), "needs parts"),
+    (lambda e: e.update(masked=True), "masked"),
+    (lambda e: e["groupq"].update(extra=1), "unknown key"),
+])
+def test_header_checks(edit, match):
+    entry, sections = _entry()
+    check_groupq_entry(entry, "header", sections)
+    edit(entry)
+    with pytest.raises(FormatError, match=match):
+        check_groupq_entry(entry, "header", sections)
+
+
+def test_truncated_file_is_one_error(tmp_path):
+    m = tiny_lm()
+    quantize_(m, RtnConfig(bits=4, group_size=32))
+    pack(m, tmp_path / "m.nsk")
+    data = (tmp_path / "m.nsk").read_bytes()
+    (tmp_path / "t.nsk").write_bytes(data[: len(data) - 100])
+    with pytest.raises(FormatError):
+        load(tmp_path / "t.nsk")
