@@ -37,7 +37,7 @@ SEQ = 256
 TRAIN_CHUNKS = 3000  # random windows of SEQ tokens from the train split (768k tokens, 0.27 of an epoch)
 TRAIN = {"epochs": 1, "batch_size": 16, "optimizer": "adam", "lr": 2e-3, "momentum": 0.9, "grad_clip": 1.0, "progress": False,
          "device": "cpu", "seed": 0}
-EVAL_CHUNKS = 64  # test perplexity over the first 64 x 256 = 16,384 test tokens
+EVAL_CHUNKS = 32  # test perplexity over the first 32 x 256 = 8,192 test tokens
 CALIB = 64  # calibration sequences of SEQ tokens from the train split
 
 
