@@ -144,7 +144,7 @@ def _resnet50(work: Path, doc: list[str]) -> list[SummaryRow]:
     i1 = base[1] / timed["pruned ORT int8 (netshrink QDQ)"][1]
     i32 = base[32] / timed["pruned ORT int8 (netshrink QDQ)"][32]
     doc += [
-        "## 1. ResNet-50-sized network at 224x224 (zoo `resnet50`, seed 0, untrained)",
+        f"## 1. ResNet-50-sized network at {size}x{size} (zoo `resnet50`, seed 0, untrained)",
         "",
         f"netshrink `prune_(model, ChannelConfig(ratio=0.5))`: call {ns_call:.1f} s; parameters {p_dense:,} -> {p_pruned:,} "
         f"({100 * p_pruned / p_dense:.1f}%), MACs {m_dense:,} -> {m_pruned:,} ({red:.2f}x fewer). {tp_line}",

@@ -60,6 +60,8 @@ def records(work: Path, results: Path, *, resume: bool, machine: list[str]) -> l
     doc = ["# Records: variational dropout / soft weight-sharing + sharing + entropy coding on the LeNets", "", *machine,
            f"- load average at the start: {_load()}", ""]
     only = os.environ.get("NETSHRINK_RECORDS")  # a comma-separated subset of the recipes, for partial runs
+    if only:
+        doc += [f"- recipes run: NETSHRINK_RECORDS={only}", ""]
     for fname, (ratio_target, err_target, published) in TARGETS.items():
         if only and fname not in only.split(","):
             continue
