@@ -216,6 +216,47 @@ def run_kills(work: Path, n_random: int = 16, seed: int = 14) -> dict[str, Any]:
     return {"reference_s": total, "reference": reference, "rows": rows}
 
 
+def run_random_kills(work: Path, n: int = 20, seed: int = 41) -> dict[str, Any]:
+    """``n`` SIGKILLs at random moments that land while the run is still going: the delay is drawn from
+    [0.1, 0.95] of the duration of the last run that was seen to finish (a draw that comes too late
+    only updates that estimate and is drawn again), then the run is resumed and compared."""
+    import yaml
+
+    from netshrink import _faults as F
+
+    work.mkdir(parents=True, exist_ok=True)
+    recipe = work / "kill.yaml"
+    recipe.write_text(yaml.safe_dump(KILL_RECIPE))
+    ref = json.loads((work / "kills.json").read_text())
+    reference, est = ref["reference"], ref["reference_s"]
+    rng = random.Random(seed)
+    rows, late = [], 0
+    while len(rows) < n:
+        i = len(rows)
+        out, cache = work / f"r{i:02d}", work / f"r{i:02d}-cache"
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
+        after = rng.uniform(0.1, 0.95) * est
+        killed = F.run_and_kill(recipe, out, cache, after=after)
+        if killed.finished:  # too late: the machine was faster than estimated
+            est, late = killed.seconds, late + 1
+            continue
+        whole = F.check_complete(out) + [f"cache: {p}" for p in F.check_complete(cache)]
+        temps = F.temporaries(out)
+        t1 = time.perf_counter()
+        resumed = F.run_to_end(recipe, out, cache, "--resume")
+        ok = resumed.returncode == 0
+        diff = F.diff(reference, F.artifacts(out)) if ok else ["resume failed: " + resumed.stderr.strip().splitlines()[-1][:200]]
+        rows.append({"point": i, "how": "random", "what": f"{after:.2f} s", "killed_at_s": round(killed.seconds, 2),
+                     "finished_before_kill": False, "phase": _phase(killed.files), "files_at_kill": len(killed.files),
+                     "temporaries_at_kill": len(temps), "incomplete_files": whole, "resume_s": round(time.perf_counter() - t1, 1),
+                     "resume_exit": resumed.returncode, "differences": diff, "temporaries_after": F.temporaries(out)})
+        shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+        (work / "kills-random.json").write_text(json.dumps({"rows": rows, "late_draws": late}, indent=1))
+    return {"rows": rows, "late_draws": late}
+
+
 # ------------------------------------------------------------------------------ bad command lines
 
 
@@ -325,7 +366,13 @@ def _fuzz_section(f: dict[str, Any] | None) -> list[str]:
 def _kill_section(k: dict[str, Any] | None) -> list[str]:
     if k is None:
         return ["No kill results: run `python -m benchmarks.suites.reliability kills` first."]
-    rows = k["rows"]
+    late = [r for r in k["rows"] if r["finished_before_kill"]]
+    rows = [r for r in k["rows"] if not r["finished_before_kill"]]
+    extra_file = WORK / "kills" / "kills-random.json"
+    extra = json.loads(extra_file.read_text()) if extra_file.exists() else {"rows": [], "late_draws": 0}
+    for j, r in enumerate(extra["rows"]):
+        rows.append(dict(r, point=f"r{j}"))
+    n_late = len(late) + extra["late_draws"]
     same = sum(1 for r in rows if not r["differences"])
     whole = sum(1 for r in rows if not r["incomplete_files"])
     table = [[r["point"], r["how"], r["what"], f"{r['killed_at_s']:.2f}", r["phase"], r["files_at_kill"], r["temporaries_at_kill"],
@@ -337,7 +384,12 @@ def _kill_section(k: dict[str, Any] | None) -> list[str]:
         f"{sum(r['how'] == 'event' for r in rows)} when a file appeared): **{whole}/{len(rows)}** left only whole files "
         f"(temporaries aside), **{same}/{len(rows)}** resumed to artifacts identical to the reference (sha256 of every .nsk, "
         "every measured row but its wall-clock seconds, the same file list), "
-        f"{sum(1 for r in rows if not r['temporaries_after'])}/{len(rows)} without a temporary file left after the resume.",
+        f"{sum(1 for r in rows if not r['temporaries_after'])}/{len(rows)} without a temporary file left after the resume. "
+        f"Not counted: {n_late} random draws that came after the run had already finished (the first random points were "
+        "drawn from the reference run's duration, which a busier moment of this shared machine had stretched; later ones "
+        "from the duration of the last run seen to finish); the {len(late)} of the first series were run with `--resume` "
+        f"as well and {sum(1 for r in late if not r['differences'])} of them came out identical."
+        if n_late else "",
         "",
         _table(["#", "how", "kill point", "killed at (s)", "phase", "files", "temporaries", "all files whole", "resume exit", "vs reference"], table),
     ]
@@ -413,7 +465,7 @@ def reliability(work: Path, results: Path, *, resume: bool, machine: list[str]) 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(prog="python -m benchmarks.suites.reliability")
-    ap.add_argument("part", choices=["fuzz", "kills"])
+    ap.add_argument("part", choices=["fuzz", "kills", "random-kills"])
     ap.add_argument("--cases", type=int, default=100_000)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--first", type=int, default=0, help="number of the first worker (to add workers to an earlier run)")
@@ -422,6 +474,9 @@ if __name__ == "__main__":
     if a.part == "fuzz":
         run_fuzz(a.cases, a.workers, first=a.first)
         print(json.dumps(fuzz_summary(), indent=1)[:3000])
+    elif a.part == "random-kills":
+        res = run_random_kills(WORK / "kills", n=a.random)
+        print(json.dumps([{k: r[k] for k in ("point", "what", "phase", "differences")} for r in res["rows"]], indent=1))
     else:
         res = run_kills(WORK / "kills", n_random=a.random)
         print(json.dumps([{k: r[k] for k in ("point", "what", "phase", "differences")} for r in res["rows"]], indent=1))
