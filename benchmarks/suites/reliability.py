@@ -387,7 +387,7 @@ def _kill_section(k: dict[str, Any] | None) -> list[str]:
         f"{sum(1 for r in rows if not r['temporaries_after'])}/{len(rows)} without a temporary file left after the resume. "
         f"Not counted: {n_late} random draws that came after the run had already finished (the first random points were "
         "drawn from the reference run's duration, which a busier moment of this shared machine had stretched; later ones "
-        "from the duration of the last run seen to finish); the {len(late)} of the first series were run with `--resume` "
+        f"from the duration of the last run seen to finish); the {len(late)} of the first series were run with `--resume` "
         f"as well and {sum(1 for r in late if not r['differences'])} of them came out identical."
         if n_late else "",
         "",
