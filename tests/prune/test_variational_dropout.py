@@ -136,3 +136,26 @@ def test_recipe_names_the_method():
     r = parse_recipe({"model": "mlp", "model_args": {"in_features": 64, "hidden": [8]}, "data": "digits",
                       "stages": [{"method": "variational_dropout", "threshold": 2.5, "train": {"epochs": 1, "optimizer": "adam"}}]})
     assert isinstance(r.stages[0].config, VariationalDropoutConfig) and r.stages[0].config.threshold == 2.5
+
+
+def test_a_recipe_runs_variational_dropout_then_soft_sharing_and_packs(digits_recipe, tmp_path):
+    """VD prunes, soft sharing quantizes the survivors, Huffman codes them: the packed file is exact."""
+    from netshrink.pack import load
+    from netshrink.pipeline import run_recipe
+    from netshrink.recipe import parse_recipe
+
+    ft = {"epochs": 1, "lr": 0.01, "batch_size": 32, "progress": False}
+    digits_recipe["stages"] = [
+        {"method": "variational_dropout", "kl_weight": 1.0, "anneal_epochs": 1, "train": {**VD_TRAIN, "epochs": 3}, "finetune": ft},
+        {"method": "soft_sharing", "components": 9, "zero_mixing": 0.9, "tau": 0.5, "means_lr": 1e-3, "variance_lr": 3e-2,
+         "mixing_lr": 3e-2, "train": {"epochs": 3, "optimizer": "adam", "lr": 2e-3, "batch_size": 64, "progress": False}},
+        {"method": "huffman"},
+    ]
+    res = run_recipe(parse_recipe(digits_recipe), tmp_path / "out", progress=False)
+    base, vd, sws, final = res.rows
+    assert vd.nonzeros < 0.7 * base.nonzeros and sws.nonzeros <= vd.nonzeros
+    assert sws.bytes < vd.bytes < base.bytes and final.bytes < base.bytes / 4  # (Huffman tables cost more than they save on 4k weights)
+    loaded = load(res.model_path).eval()
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), res.model.eval()(x))
