@@ -84,9 +84,14 @@ def merge_duplicate_pairs(proto: Any) -> int:
                     break
             else:
                 drop.update((id(q), id(dq)))
+    dropped_inputs = {name for n in g.node if id(n) in drop for name in n.input}
     kept = [n for n in g.node if id(n) not in drop]
     del g.node[:]
     g.node.extend(kept)
+    used = {name for n in g.node for name in n.input} | {o.name for o in g.output}
+    unused = [i for i in g.initializer if i.name in dropped_inputs and i.name not in used]
+    for init in unused:  # the dropped pairs' scales and zero points
+        g.initializer.remove(init)
     return len(drop) // 2
 
 
