@@ -7,6 +7,10 @@ Encodings (one header entry per tensor; every part one section):
   ``zero`` — a stream of the integer zero points, ``bits`` wide, one per row and group. The weight is
   ``w_ij = s_{i,g} (q_ij - z_{i,g})`` with ``g = j // group_size``.
 * ``groupq_awq``: the same plus ``in_scale`` — float32, one per input column (AWQ): ``w_ij /= a_j``.
+* ``nm_sparse``: an N:M-pruned weight (``n`` zeros in every ``m`` consecutive weights of a row; SparseGPT,
+  Wanda 2:4): ``slots`` — a stream of each kept weight's position inside its group of ``m``,
+  ``ceil(log2 m)`` bits wide (1 bit per weight for 2:4), strictly increasing inside a group; ``values``
+  — the kept weights in their own dtype. The mask comes back with the tensor.
 
 The entry's ``groupq`` field holds ``bits`` (2-8) and ``group_size`` (divides the input width). The
 check validates every field, count and stream width against the shape before anything is decoded;
@@ -35,6 +39,8 @@ GROUPQ_PARTS: dict[str, dict[str, str]] = {
     "groupq_awq": {"codes": "stream", "scale": "array", "zero": "stream", "in_scale": "array"},
 }
 _ENTRY_KEYS = {"name", "shape", "dtype", "encoding", "masked", "nonzeros", "kept", "parts", "groupq"}
+NM_PARTS = {"slots": "stream", "values": "array"}
+ENCODINGS = (*GROUPQ_PARTS, "nm_sparse")
 
 
 @dataclass(frozen=True)
@@ -98,10 +104,99 @@ def encode_groupq(name: str, t: torch.Tensor, hint: GroupHint, coding: str, base
     return Encoded(entry, data)
 
 
+def _slot_bits(m: int) -> int:
+    return max(1, (m - 1).bit_length())
+
+
+def encode_nm(name: str, t: torch.Tensor, keep: torch.Tensor, coding: str, base: dict) -> Any:
+    """The ``nm_sparse`` encoding of ``t`` under the keep-mask ``keep`` when the mask is N:M along rows, else None."""
+    from ._streams import code_stream
+    from ._tensors import Encoded, tensor_bytes
+
+    if t.dim() < 2 or t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return None
+    cols = t.shape[-1]
+    k = keep.reshape(-1, cols)
+    for m in (4, 8, 16):
+        if cols % m:
+            continue
+        per = k.reshape(-1, cols // m, m).sum(-1)
+        kept_per = int(per.reshape(-1)[0]) if per.numel() else 0
+        if per.numel() and 0 < kept_per < m and bool((per == kept_per).all()):
+            break
+    else:
+        return None
+    n = m - kept_per
+    if bool(torch.any(t.reshape(-1)[~keep.reshape(-1)] != 0)):
+        return None
+    slots = k.reshape(-1, m).nonzero()[:, 1].numpy()
+    st = code_stream(slots, _slot_bits(m), coding)
+    values = t.reshape(-1)[keep.reshape(-1)]
+    entry = dict(base, encoding="nm_sparse", masked=True, kept=int(values.numel()),
+                 parts={"slots": st.describe(), "values": {"dtype": base["dtype"], "count": int(values.numel())}}, nm={"n": n, "m": m})
+    return Encoded(entry, [("slots", st.data), ("values", tensor_bytes(values))])
+
+
+def _check_nm_entry(entry: dict, where: str, sections: Sequence[int]) -> TensorSpec:
+    name = field(entry, "name", str, where)
+    where = f"{where} ({name[:80]!r})"
+    _keys(entry, {"name", "shape", "dtype", "encoding", "masked", "nonzeros", "kept", "parts", "nm"}, set(), where)
+    shape = field(entry, "shape", list, where)
+    if not 2 <= len(shape) <= 8:
+        raise FormatError(f"{where}.shape: nm_sparse needs 2 to 8 dimensions, got {len(shape)}")
+    dims = tuple(int_field({f"[{i}]": d}, f"[{i}]", f"{where}.shape", 1, MAX_DIM) for i, d in enumerate(shape))
+    numel = math.prod(dims)
+    dtype = _str_in(entry, "dtype", ("float32", "float16", "bfloat16"), where)
+    nm = field(entry, "nm", dict, where)
+    _keys(nm, {"n", "m"}, set(), f"{where}.nm")
+    m = int_field(nm, "m", f"{where}.nm", 2, 16)
+    n = int_field(nm, "n", f"{where}.nm", 1, m - 1)
+    if dims[-1] % m:
+        raise FormatError(f"{where}.nm.m: {m} does not divide the last dimension {dims[-1]}")
+    kept = int_field(entry, "kept", where, 0, numel)
+    if kept != numel // m * (m - n):
+        raise FormatError(f"{where}.kept: {n}:{m} keeps {numel // m * (m - n)} of {numel}, header says {kept}")
+    nonzeros = int_field(entry, "nonzeros", where, 0, kept)
+    if field(entry, "masked", bool, where) is not True:
+        raise FormatError(f"{where}.masked: nm_sparse always stores its mask")
+    parts = field(entry, "parts", dict, where)
+    if set(parts) != set(NM_PARTS):
+        raise FormatError(f"{where}.parts: nm_sparse needs parts {list(NM_PARTS)}, got {sorted(map(str, parts))[:8]}")
+    _check_stream(parts["slots"], f"{where}.parts.slots", _section_bytes(parts["slots"], f"{where}.parts.slots", sections),
+                  MAX_CODE_BITS, (kept, kept), _slot_bits(m))
+    _section_bytes(parts["values"], f"{where}.parts.values", sections)
+    _check_array(parts["values"], f"{where}.parts.values", (dtype,), (kept, kept))
+    return TensorSpec(name, dims, dtype, "nm_sparse", True, nonzeros, kept, parts, {"n": n, "m": m})
+
+
+def _decode_nm(spec: TensorSpec, part: Any) -> Any:
+    from ._streams import decode_stream
+    from ._tensors import Decoded, bytes_tensor
+
+    n, m = int(spec.quant["n"]), int(spec.quant["m"])
+    desc, data, w = part("slots")
+    slots = decode_stream(desc, data, w, _slot_bits(m), spec.kept)
+    if slots.size != spec.kept:
+        raise FormatError(f"{w}: {slots.size} slots, expected {spec.kept}")
+    sl = torch.from_numpy(slots.astype(np.int64)).reshape(-1, m - n)
+    if sl.numel() and (int(sl.max()) >= m or (m - n > 1 and bool((sl[:, 1:] <= sl[:, :-1]).any()))):
+        raise FormatError(f"{w}: a slot lies outside its group of {m} or repeats")
+    desc, data, w = part("values")
+    values = bytes_tensor(data, spec.dtype, spec.kept, w)
+    mask = torch.zeros(spec.numel // m, m, dtype=torch.bool)
+    mask.scatter_(1, sl, True)
+    mask = mask.reshape(-1)
+    dense = torch.zeros(spec.numel, dtype=values.dtype)
+    dense[mask] = values
+    return Decoded(dense.reshape(spec.shape), mask=mask.reshape(spec.shape))
+
+
 def check_groupq_entry(entry: Any, where: str, sections: Sequence[int]) -> TensorSpec:
-    """Validate a ``groupq`` / ``groupq_awq`` header entry (types, bounds, counts, stream widths)."""
+    """Validate a ``groupq`` / ``groupq_awq`` / ``nm_sparse`` header entry (types, bounds, counts, stream widths)."""
     if not isinstance(entry, dict):
         raise FormatError(f"{where}: expected a mapping")
+    if entry.get("encoding") == "nm_sparse":
+        return _check_nm_entry(entry, where, sections)
     name = field(entry, "name", str, where)
     if not 0 < len(name) <= MAX_NAME_CHARS:
         raise FormatError(f"{where}.name: expected 1 to {MAX_NAME_CHARS} characters")
@@ -176,8 +271,10 @@ def groupq_codecs() -> dict[str, Any]:
     """The codec table entries of the group encodings (see :data:`netshrink.pack._tensors.CODECS`)."""
     from ._tensors import Codec
 
-    return {name: Codec(parts, _decode_groupq, check_groupq_entry) for name, parts in GROUPQ_PARTS.items()}
+    table = {name: Codec(parts, _decode_groupq, check_groupq_entry) for name, parts in GROUPQ_PARTS.items()}
+    table["nm_sparse"] = Codec(NM_PARTS, _decode_nm, check_groupq_entry)
+    return table
 
 
 _ = math
-__all__ = ["GROUPQ_PARTS", "GroupHint", "check_groupq_entry", "encode_groupq", "groupq_codecs", "groupq_hints"]
+__all__ = ["ENCODINGS", "GROUPQ_PARTS", "GroupHint", "check_groupq_entry", "encode_groupq", "encode_nm", "groupq_codecs", "groupq_hints"]

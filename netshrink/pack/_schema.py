@@ -172,7 +172,7 @@ def _check_quant(entry: dict, encoding: str, shape: tuple[int, ...], where: str)
 
 def check_entry(entry: Any, where: str, sections: Sequence[int]) -> TensorSpec:
     """Validate one header tensor entry against the schema; ``sections`` = the sections' byte lengths."""
-    if isinstance(entry, dict) and entry.get("encoding") in ("groupq", "groupq_awq"):
+    if isinstance(entry, dict) and entry.get("encoding") in ("groupq", "groupq_awq", "nm_sparse"):
         from ._groupq import check_groupq_entry  # group-quantized weights (issue 15)
 
         return check_groupq_entry(entry, where, sections)

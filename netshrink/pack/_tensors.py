@@ -162,7 +162,11 @@ def encode_tensor(name: str, tensor: torch.Tensor, ws: WeightState | None, codin
         keep = ws.mask.reshape(-1).to(torch.bool)
         outside = t.reshape(-1).view(_BITS_VIEW[t.dtype])[~keep]
         if not bool(torch.any(outside != 0)):
-            return _encode_sparse(name, t, sparse.positions_from_mask(keep.numpy()), True, coding, base)
+            enc = _encode_sparse(name, t, sparse.positions_from_mask(keep.numpy()), True, coding, base)
+            from ._groupq import encode_nm  # N:M masks (issue 15)
+
+            nm = encode_nm(name, t, ws.mask.to(torch.bool), coding, base)
+            return nm if nm is not None and nm.nbytes <= enc.nbytes else enc
         log.warning("%s: weight is non-zero outside its mask; packing it without the mask", name)
     raw = Encoded(dict(base, encoding="raw", masked=False, kept=t.numel(), parts={"data": {"dtype": dname, "count": t.numel()}}), [("data", tensor_bytes(t))])
     if dname in _FLOATS and t.numel() >= 16:

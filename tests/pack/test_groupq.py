@@ -88,3 +88,39 @@ def test_truncated_file_is_one_error(tmp_path):
     (tmp_path / "t.nsk").write_bytes(data[: len(data) - 100])
     with pytest.raises(FormatError):
         load(tmp_path / "t.nsk")
+
+
+def test_two_four_masks_round_trip_with_one_bit_per_weight(tmp_path):
+    from netshrink.prune import WandaConfig
+    from netshrink.prune._mask import get_mask
+
+    m = tiny_lm()
+    prune_(m, WandaConfig(n=2, m=4, samples=8, progress=False), data=calib(8))
+    st = pack(m, tmp_path / "m.nsk", coding="fixed")
+    t = {t.name: t for t in st.tensors}["layers.0.mlp.down_proj.weight"]
+    assert t.encoding == "nm_sparse" and t.nbytes == 64 * 128 // 8 + 64 * 64 * 4  # slots + fp32 values
+    ids = calib(2)[0][None]
+    m2 = load(tmp_path / "m.nsk", restore=True)
+    assert torch.equal(m(ids), m2(ids))
+    assert torch.equal(get_mask(m2.layers[1].attn.q_proj), get_mask(m.layers[1].attn.q_proj))
+
+
+def test_nm_header_checks():
+    from netshrink.pack._groupq import encode_nm
+
+    w = torch.randn(4, 8)
+    keep = torch.tensor([[1, 1, 0, 0], [0, 1, 0, 1]] * 4, dtype=torch.bool).reshape(4, 8)
+    w = torch.where(keep, w, torch.zeros(()))
+    enc = encode_nm("w", w, keep, "fixed", {"name": "w", "shape": [4, 8], "dtype": "float32", "nonzeros": 16})
+    assert enc.entry["nm"] == {"n": 2, "m": 4}
+    entry = copy.deepcopy(enc.entry)
+    for i, p in enumerate(entry["parts"].values()):
+        p["section"] = i
+    sections = [len(b) for _, b in enc.parts]
+    check_groupq_entry(entry, "h", sections)
+    for edit, match in ((lambda e: e["nm"].update(n=4), "n"), (lambda e: e.update(kept=15), "keeps"), (lambda e: e["nm"].update(m=3), "divide")):
+        bad = copy.deepcopy(entry)
+        edit(bad)
+        with pytest.raises(FormatError, match=match):
+            check_groupq_entry(bad, "h", sections)
+    assert encode_nm("w", w, torch.ones(4, 8, dtype=torch.bool), "fixed", {"name": "w", "shape": [4, 8], "dtype": "float32", "nonzeros": 32}) is None
