@@ -41,16 +41,16 @@ def _cases() -> list[tuple[str, object]]:
         ("SparseGPT 2:4", SparseGptConfig(n=2, m=4, **c)),
         ("RTN 4-bit g128", RtnConfig(bits=4, group_size=128)),
         ("GPTQ 4-bit g128", GptqConfig(bits=4, group_size=128, **c)),
-        ("AWQ 4-bit g128", AwqConfig(bits=4, group_size=128, rows=2048, **c)),
+        ("AWQ 4-bit g128", AwqConfig(bits=4, group_size=128, rows=2048, grid=10, **c)),
         ("RTN 4-bit per-channel", RtnConfig(bits=4, group_size=None)),
         ("GPTQ 4-bit per-channel", GptqConfig(bits=4, group_size=None, **c)),
-        ("AWQ 4-bit per-channel", AwqConfig(bits=4, group_size=None, rows=2048, **c)),
+        ("AWQ 4-bit per-channel", AwqConfig(bits=4, group_size=None, rows=2048, grid=10, **c)),
         ("RTN 3-bit g128", RtnConfig(bits=3, group_size=128)),
         ("GPTQ 3-bit g128", GptqConfig(bits=3, group_size=128, **c)),
-        ("AWQ 3-bit g128", AwqConfig(bits=3, group_size=128, rows=2048, **c)),
+        ("AWQ 3-bit g128", AwqConfig(bits=3, group_size=128, rows=2048, grid=10, **c)),
         ("RTN 3-bit per-channel", RtnConfig(bits=3, group_size=None)),
         ("GPTQ 3-bit per-channel", GptqConfig(bits=3, group_size=None, **c)),
-        ("AWQ 3-bit per-channel", AwqConfig(bits=3, group_size=None, rows=2048, **c)),
+        ("AWQ 3-bit per-channel", AwqConfig(bits=3, group_size=None, rows=2048, grid=10, **c)),
         ("GPTQ 4-bit g128 act-order", GptqConfig(bits=4, group_size=128, act_order=True, **c)),
         ("SparseGPT 50% + 4-bit g128", SparseGptConfig(sparsity=0.5, bits=4, group_size=128, **c)),
         ("SmoothQuant W8A8", SmoothQuantConfig(**c)),
@@ -254,7 +254,7 @@ def _document(machine, info, n_params, fp32_bytes, dense_ppl, eval_s, rows, expo
         f"BPE {corpus.tokenizer.vocab_size} trained on train ({corpus.train.numel():,} train tokens).",
         f"Test perplexity: over the first {EVAL_CHUNKS} windows of {SEQ} tokens of the test split "
         f"({EVAL_CHUNKS * SEQ:,} tokens; {eval_s:.0f} s per evaluation). Dense: **{dense_ppl:.2f}**.",
-        f"Calibration: {CALIB} random windows of {SEQ} train tokens ({CALIB * SEQ:,} tokens), block by block, every Linear of the "
+        f"Calibration: {CALIB} random windows of {SEQ} train tokens ({CALIB * SEQ:,} tokens), block by block (AWQ: 2,048 input rows per layer, a grid of 10 exponents), every Linear of the "
         "4 blocks (the embedding and the LM head stay fp32, as in the papers).", "",
         "## Compression", "",
         "bytes: the whole model packed as .nsk (`netshrink.pack.pack`); peak RSS: the process's high-water mark during the call "
