@@ -450,9 +450,10 @@ def reliability(work: Path, results: Path, *, resume: bool, machine: list[str]) 
     disk = run_disk_faults(work / "disk")
     doc = [
         "# Reliability: hostile files, killed runs, bad command lines (issue 14)", "", *machine,
-        f"- load average at the start / end of the table part: {load0} / {_load()} (1/5/15 min; this machine is shared)",
+        f"- load average (1/5/15 min; this machine is shared) at the start of the table part: {load0}; at its end: {_load()}",
         "", "Commands: `nice -n 5 python -m benchmarks.suites.reliability fuzz --cases 95000 --workers 2 --first 2`, "
-        "`nice -n 5 python -m benchmarks.suites.reliability kills --random 16`, then `python -m benchmarks.run --only reliability` "
+        "`nice -n 5 python -m benchmarks.suites.reliability kills --random 16`, "
+        "`nice -n 5 python -m benchmarks.suites.reliability random-kills --random 20`, then `python -m benchmarks.run --only reliability` "
         "(which reads both and runs the rest).", "",
         "## 1. Structure-aware fuzzing of .nsk files", "", *_fuzz_section(fuzz), "",
         "## 2. SIGKILL at random moments of `netshrink run`, then `--resume`", "", *_kill_section(kills), "",
