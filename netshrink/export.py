@@ -47,6 +47,7 @@ import copy
 import io
 import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -269,10 +270,54 @@ def _trace(model: _Adapter, dynamic_axes: Any = None) -> Any:
     except Exception as exc:  # torch's exporter raises many types; each becomes one line
         text = str(exc).strip().splitlines()
         first = next((t for t in text if "not supported" in t or "Unsupported" in t), text[0] if text else type(exc).__name__)
-        raise ModelError(f"cannot export {type(model.inner).__name__} to ONNX: {first.strip()[:300]}") from None
+        where = ""
+        op = re.search(r"operator '(?:aten::)?([A-Za-z0-9_]+)'", first)
+        if op is not None:
+            layer = _layer_calling(model.inner, model, op.group(1))
+            where = f" (op {op.group(1)!r}, called by layer {layer!r})" if layer is not None else ""
+        raise ModelError(f"cannot export {type(model.inner).__name__} to ONNX{where}: {first.strip()[:300]}") from None
     proto = onnx.load_from_string(buf.getvalue())
     _strip_prefix(proto, "inner.", "/inner/")
     return proto
+
+
+def _layer_calling(inner: nn.Module, adapter: nn.Module, op: str) -> str | None:
+    """The innermost named module of ``inner`` whose forward runs the aten operator ``op`` (``""``: the
+    model's own forward), found by running the model once under a dispatch mode; None if not found."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    stack: list[str] = []
+    found: list[str] = []
+
+    def seen(names: set[str]) -> None:
+        if not found and op in names:
+            found.append(stack[-1] if stack else "")
+
+    class _Functions(TorchFunctionMode):  # torch.linalg.svdvals is linalg_svdvals to the exporter
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            seen({name, f"{str(getattr(func, '__module__', '')).rsplit('.', 1)[-1]}_{name}"})
+            return func(*args, **(kwargs or {}))
+
+    class _Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen({func.overloadpacket.__name__})
+            return func(*args, **(kwargs or {}))
+
+    handles = []
+    for name, mod in inner.named_modules():
+        handles.append(mod.register_forward_pre_hook(lambda m, a, n=name: stack.append(n)))
+        handles.append(mod.register_forward_hook(lambda m, a, o: stack.pop() and None))  # a hook returning non-None replaces the output
+    try:
+        with torch.no_grad(), _Functions(), _Watch():
+            adapter(*adapter.tensors())
+    except Exception:  # the search is best effort: the export error is raised either way
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None
 
 
 def _strip_prefix(proto: Any, prefix: str, node_prefix: str) -> None:

@@ -90,3 +90,30 @@ def test_profile_shares_sum_to_one(tmp_path):
     res = deploy(model, tmp_path, x, forms=("onnx-fp32",), batch_sizes=(1,), runs=20, rounds=1)
     prof = profile_onnx(res.form("onnx-fp32").path, x, runs=20)
     assert sum(prof.values()) == pytest.approx(1.0) and "Conv" in prof and "(outside nodes)" in prof
+
+
+class _Svd(nn.Module):
+    def forward(self, x):
+        return torch.linalg.svdvals(x.reshape(-1, 2, 2)).reshape(x.shape[0], -1)
+
+
+class WithUnexportableOp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.odd = _Svd()
+
+    def forward(self, x):
+        return self.odd(self.fc(x))
+
+
+def test_an_op_the_runtime_cannot_run_names_the_op_and_the_layer(tmp_path):
+    torch.manual_seed(0)
+    model = WithUnexportableOp().eval()
+    res = deploy(model, tmp_path, torch.randn(1, 4), forms=("onnx-fp32",), batch_sizes=(1,), runs=20, rounds=1)
+    refused = res.form("onnx-fp32").refused
+    assert "op 'linalg_svdvals'" in refused and "layer 'odd'" in refused and res.chosen == "torch"
+    with pytest.raises(ModelError, match=r"op 'linalg_svdvals', called by layer 'odd'"):
+        deploy(model, tmp_path, torch.randn(1, 4), forms=("onnx-fp32",), batch_sizes=(1,), runs=20, rounds=1, strict=True)
+    out = model(torch.randn(3, 4))  # the hooks used to find the layer are gone: the model still runs as before
+    assert out.shape == (3, 2)
