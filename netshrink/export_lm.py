@@ -126,7 +126,6 @@ class ExportReport:
 def export_lm(model: nn.Module, path: str | os.PathLike[str], *, weight_bits: int | None = None) -> ExportReport:
     """Write ``model`` (a ``llama_lm``) as ONNX with its KV cache. ``weight_bits`` 4 or 8: layers with group
     codes (``netshrink_groupq``, of those bits) become MatMulNBits; None: plain fp32 MatMul everywhere."""
-    import onnx
     from onnx import helper, numpy_helper
 
     if weight_bits not in (None, 4, 8):
@@ -188,7 +187,6 @@ def export_lm(model: nn.Module, path: str | os.PathLike[str], *, weight_bits: in
             raise ModelError(f"{len(plan) - replaced} quantized layer(s) were not found as MatMul nodes in the graph")
     blob = proto.SerializeToString()
     atomic_write_bytes(path, blob)
-    _ = onnx
     return ExportReport(str(path), len(blob), replaced, dense)
 
 

@@ -23,7 +23,7 @@ from netshrink.task import language_modeling
 from netshrink.text import python_docs
 
 from . import SummaryRow
-from .llm import CALIB, EVAL_CHUNKS, MODEL_ARGS, SEQ, THREADS, TRAIN, TRAIN_CHUNKS, baseline
+from .llm import CALIB, EVAL_CHUNKS, MODEL_ARGS, SEQ, TRAIN, baseline
 
 ORT_THREADS = 1
 PROMPT, NEW_TOKENS, ROUNDS = 128, 64, 5

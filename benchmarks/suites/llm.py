@@ -9,7 +9,6 @@ and a greedy KV-cache decode loop in onnxruntime against fp32 onnxruntime and to
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging

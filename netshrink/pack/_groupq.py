@@ -276,5 +276,4 @@ def groupq_codecs() -> dict[str, Any]:
     return table
 
 
-_ = math
 __all__ = ["ENCODINGS", "GROUPQ_PARTS", "GroupHint", "check_groupq_entry", "encode_groupq", "encode_nm", "groupq_codecs", "groupq_hints"]

@@ -101,7 +101,9 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
             if quant is not None:
                 j = i1 + i
                 if not quant.static and j % quant.group == 0:
-                    quant.start(j, torch.cat([w1[:, i:], w[:, i2:]], dim=1))
+                    from ..quantize.gptq import _next_columns
+
+                    quant.start(j, _next_columns(w1, w, i, i2, quant.group))
                 deq, q = quant(j, new)
                 new = torch.where(mask1[:, i], torch.zeros_like(deq), deq)
                 codes[:, j] = q

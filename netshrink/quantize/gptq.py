@@ -188,11 +188,17 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     if quant.static:
         obs_sweep(w[:, perm], u, block_size, column)
     else:
-        _sweep_natural(w, u, block_size, column)
+        _sweep_natural(w, u, block_size, column, g)
     return GroupQuant(bits, g, codes.to(torch.uint8), quant.scale, quant.zero.to(torch.uint8))
 
 
-def _sweep_natural(w: torch.Tensor, u: torch.Tensor, block_size: int, column) -> None:
+def _next_columns(w1: torch.Tensor, w: torch.Tensor, i: int, i2: int, n: int) -> torch.Tensor:
+    """The current values of the ``n`` columns from lazy-block column ``i`` on (this block's updated ones, then W's)."""
+    head = w1[:, i : i + n]
+    return head if head.shape[1] >= n else torch.cat([head, w[:, i2 : i2 + n - head.shape[1]]], dim=1)
+
+
+def _sweep_natural(w: torch.Tensor, u: torch.Tensor, block_size: int, column, group: int) -> None:
     """:func:`obs_sweep` in natural order, where a group's parameters come from the updated columns."""
     cols = w.shape[1]
     for i1 in range(0, cols, block_size):
@@ -203,7 +209,7 @@ def _sweep_natural(w: torch.Tensor, u: torch.Tensor, block_size: int, column) ->
         for i in range(i2 - i1):
             col = w1[:, i]
             # the group's parameters see this lazy block's updated columns and the rest of W
-            new = column(i1 + i, col, w1[:, i:], lambda: torch.cat([w1[:, i:], w[:, i2:]], dim=1))
+            new = column(i1 + i, col, w1[:, i:], lambda: _next_columns(w1, w, i, i2, group))
             e = (col - new) / u1[i, i]
             w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
             w1[:, i] = new
