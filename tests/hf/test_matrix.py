@@ -23,8 +23,6 @@ HAS_HF = importlib.util.find_spec("transformers") is not None
 
 #: (architecture, method) -> what fails today and whose area it is
 KNOWN: dict[tuple[str, str], str] = {
-    ("hf_gpt2", "int8"): "silent skip: GPT-2 Conv1D layers are not quantized and not reported (layer selection / quantize)",
-    ("hf_gpt2", "qat"): "silent skip: GPT-2 Conv1D layers are not quantized and not reported (layer selection / quantize)",
     ("hf_vit", "tucker"): "broken: Tucker replaces the patch-embedding Conv2d whose parent reads .weight (layer selection)",
 }
 
