@@ -54,11 +54,18 @@ class GroupHint:
 
 def groupq_hints(model: nn.Module) -> dict[str, GroupHint]:
     """A :class:`GroupHint` per Linear weight with group codes, by plain state_dict name."""
-    out = {}
+    from ..quantize._storage import StorageHint
+
+    out: dict[str, Any] = {}
     for name, m in model.named_modules():
         gq = getattr(m, "netshrink_groupq", None)
+        key = f"{name}.weight" if name else "weight"
         if gq is not None and isinstance(m, nn.Linear):
-            out[f"{name}.weight" if name else "weight"] = GroupHint(gq)
+            out[key] = GroupHint(gq)
+        elif type(m).__name__ == "SmoothQuantLinear" and isinstance(getattr(m, "w_step", None), torch.Tensor):
+            # SmoothQuant's int8 rows: the existing per-channel affine encoding (checked exact by its encoder)
+            out[key] = StorageHint("affine", scale=m.w_step, zero_point=torch.zeros_like(m.w_step, dtype=torch.int32), bits=8,
+                                   signed=True, axis=0)
     return out
 
 

@@ -52,6 +52,8 @@ class SmoothQuantLinear(nn.Module):
         self.weight = nn.Parameter(torch.zeros(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.register_buffer("smooth", torch.ones(in_features))
+        #: the int8 step of each weight row (``weight = w_step q``), for int8 storage in .nsk
+        self.register_buffer("w_step", torch.ones(out_features))
 
     def netshrink_args(self) -> dict:
         return {"in_features": self.in_features, "out_features": self.out_features, "bias": self._bias, "act_bits": self.act_bits}
@@ -99,6 +101,7 @@ def smoothquant_(model: nn.Module, config: SmoothQuantConfig, data: Any = None, 
         new.to(mod.weight.device)
         new.weight.data.copy_(q * d[:, None])
         new.smooth.copy_(s)
+        new.w_step.copy_(d)
         if mod.bias is not None:
             new.bias.data.copy_(mod.bias.data)
         replace_module(model, name, new)

@@ -58,3 +58,15 @@ def test_whole_model_awq_and_smoothquant():
     assert isinstance(m.layers[0].attn.q_proj, SmoothQuantLinear)
     assert m.netshrink_edits[0]["type"] == "smoothquant_linear"
     assert perplexity(m) < 1.05 * dense
+
+
+def test_smoothquant_weights_pack_as_int8(tmp_path):
+    from netshrink.pack import load, pack
+
+    m = tiny_lm()
+    quantize_(m, SmoothQuantConfig(samples=8, progress=False), data=calib(8))
+    st = pack(m, tmp_path / "m.nsk")
+    enc = {t.name: t.encoding for t in st.tensors}
+    assert enc["layers.0.attn.q_proj.weight"].startswith("affine")
+    ids = calib(2)[0][None]
+    assert torch.equal(m(ids), load(tmp_path / "m.nsk")(ids))
