@@ -136,7 +136,7 @@ def per_layer(
 # ---------------------------------------------------------------------------------------------- parents
 
 
-_READS = re.compile(r"\w\.(\w+)\.weight\b|getattr\(\s*\w+\.(\w+)\s*,\s*['\"]weight['\"]")
+_READS = re.compile(r"\w\.((?:\w+\.)*\w+)\.weight\b|getattr\(\s*\w+\.((?:\w+\.)*\w+)\s*,\s*['\"]weight['\"]")
 _NOT_FORWARD = frozenset({"__init__", "netshrink_args", "extra_repr", "reset_parameters", "_reset_parameters",
                           "__setstate__", "_load_from_state_dict", "__repr__"})
 _SOURCE_CACHE: dict[type, frozenset[str]] = {}
@@ -178,13 +178,18 @@ def parent_reads(model: nn.Module) -> dict[str, str]:
         if _inside_parametrization(pname):
             continue
         declared = set(getattr(type(parent), "netshrink_reads_children", ()) or ())
-        reads = (_children_read(type(parent)) | declared) & set(parent._modules)
-        for child in sorted(reads):
-            if parent._modules[child] is None or layer_kind(parent._modules[child]) is None:
+        for child in sorted(_children_read(type(parent)) | declared):
+            # a direct child (``self.out_proj.weight``) or a deeper one (``self.embeddings.patch.projection.weight``)
+            try:
+                layer = parent.get_submodule(child)
+            except AttributeError:
+                continue
+            if layer is None or layer_kind(layer) is None:
                 continue
             name = f"{pname}.{child}" if pname else child
-            out[name] = (f"its parent {pname or '(the model)'!r} ({type(parent).__name__}) reads {child}.weight itself "
-                         "instead of calling it, so the layer cannot be replaced by another module")
+            who = "parent" if "." not in child else "ancestor"
+            out.setdefault(name, f"its {who} {pname or '(the model)'!r} ({type(parent).__name__}) reads {child}.weight itself "
+                                 "instead of calling it, so the layer cannot be replaced by another module")
     return out
 
 

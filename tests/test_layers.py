@@ -201,3 +201,34 @@ def test_real_gpt2_conv1d_is_recognised_and_pruned():
     y = m(x)
     svd_factorize(m, SvdConfig(rank=4, layers=["0"]))
     assert torch.allclose(m(x), y, atol=1e-5)  # rank 4 = full rank of the pruned 4x6 weight
+
+
+class _Inner(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+class ReadsGrandchild(nn.Module):
+    """An ancestor that reads a deeper layer's weight (as transformers' ViTModel reads
+    ``embeddings.patch_embeddings.projection.weight.dtype``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Sequential(_Inner())
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.emb(x.to(self.emb[0].proj.weight.dtype)))
+
+
+def test_a_layer_an_ancestor_reads_is_not_replaced():
+    m = ReadsGrandchild()
+    assert "emb.0.proj" in parent_reads(m) and "ancestor" in parent_reads(m)["emb.0.proj"]
+    r = svd_factorize(m, SvdConfig(rank=2))
+    assert isinstance(m.emb[0].proj, nn.Linear) and isinstance(m.head, LowRankLinear)
+    assert r.coverage.params["emb.0.proj.weight"].status == "skipped"
+    assert m(torch.randn(3, 8)).shape == (3, 4)  # still runs: the read layer was left in place

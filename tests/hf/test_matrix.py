@@ -22,9 +22,7 @@ from benchmarks._matrix import FINE, METHODS, run_cell
 HAS_HF = importlib.util.find_spec("transformers") is not None
 
 #: (architecture, method) -> what fails today and whose area it is
-KNOWN: dict[tuple[str, str], str] = {
-    ("hf_vit", "tucker"): "broken: Tucker replaces the patch-embedding Conv2d whose parent reads .weight (layer selection)",
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 def _cases():
