@@ -220,7 +220,7 @@ class _Jitter(torch.utils.data.Dataset):
         return padded[..., k + dy:k + dy + h, k + dx:k + dx + w], y
 
 
-def hinton_row(splits, rows, summary, teacher_epochs: int = 10, student_epochs: int = 8) -> None:
+def hinton_row(splits, rows, summary, teacher_epochs: int = 30, student_epochs: int = 8) -> None:
     """Hinton et al. 2015 on MNIST: a 784-1200-1200-10 teacher with dropout and jitter, a 784-800-800-10
     student alone and distilled (T = 20)."""
     from netshrink.distill.losses import DistillConfig, distill
