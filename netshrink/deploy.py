@@ -112,13 +112,16 @@ def time_forms(
     runs: int = 20, rounds: int = 3, warmup: int = 3,
 ) -> dict[str, dict[int, float]]:
     """Median ms of ``runs`` calls of each runner per batch size, the runners taking turns for ``rounds``
-    rounds (a burst of load falls on all alike); per runner and batch size the round with the middle median.
+    rounds, every other round in reverse order (a burst or drift of load falls on all alike); per runner and
+    batch size the round with the middle median.
     ``example``'s first example is repeated to each batch size."""
     ex = Inputs.of(example).take(1)
     feeds = {b: _repeat(ex, b) for b in batch_sizes}
     per_round: dict[str, dict[int, list[float]]] = {n: {b: [] for b in batch_sizes} for n in runners}
-    for _ in range(rounds):
-        for name, run in runners.items():
+    order = list(runners.items())
+    for r in range(rounds):
+        # every other round in reverse order: a load that drifts during the run falls on every form alike
+        for name, run in (order if r % 2 == 0 else order[::-1]):
             for b in batch_sizes:
                 per_round[name][b].append(_time(lambda: run(feeds[b]), runs, warmup))
     return {n: {b: sorted(v)[len(v) // 2] for b, v in d.items()} for n, d in per_round.items()}
