@@ -154,12 +154,14 @@ class TrainConfig(BaseConfig):
             _positive("grad_clip", self.grad_clip)
 
     def to_dict(self) -> dict[str, Any]:
-        """As :meth:`BaseConfig.to_dict`, without ``amp`` when it is None, so that the dicts (and the keys
+        """As :meth:`BaseConfig.to_dict`, without ``amp`` when it is None nor ``strict`` when False, so that the dicts (and the keys
         hashed from them: checkpoint fingerprints, cached baselines) of fp32 configs are those written
         before the field existed."""
         out = super().to_dict()
         if out.get("amp") is None:
             out.pop("amp", None)
+        if not out.get("strict"):  # BaseConfig's method-coverage switch: no meaning for training
+            out.pop("strict", None)
         return out
 
     def fingerprint(self) -> str:
