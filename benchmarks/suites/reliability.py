@@ -451,7 +451,7 @@ def reliability(work: Path, results: Path, *, resume: bool, machine: list[str]) 
     doc = [
         "# Reliability: hostile files, killed runs, bad command lines (issue 14)", "", *machine,
         f"- load average (1/5/15 min; this machine is shared) at the start of the table part: {load0}; at its end: {_load()}",
-        "", "Commands: `nice -n 5 python -m benchmarks.suites.reliability fuzz --cases 95000 --workers 2 --first 2`, "
+        "", "Commands: `nice -n 5 python -m benchmarks.suites.reliability fuzz --cases 95000 --workers 2 --first 2` and `... fuzz --cases 5000 --workers 2 --first 4` (added to the same run), "
         "`nice -n 5 python -m benchmarks.suites.reliability kills --random 16`, "
         "`nice -n 5 python -m benchmarks.suites.reliability random-kills --random 20`, then `python -m benchmarks.run --only reliability` "
         "(which reads both and runs the rest).", "",
