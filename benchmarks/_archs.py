@@ -162,6 +162,31 @@ class ResNet18(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+class TorchvisionResNet18(nn.Module):
+    """torchvision's resnet18 layout exactly (7x7/2 stem conv + BN + ReLU, 3x3/2 max-pool, four stages of two
+    basic blocks, stride-2 1x1-conv + BN shortcuts, global average pooling, one Linear), written without
+    torchvision; ``width`` is the first stage's width (64 in torchvision)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 64):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        stages, cin = [], width
+        for i, c in enumerate((width, 2 * width, 4 * width, 8 * width)):
+            stages.append(nn.Sequential(BasicBlock(cin, c, 1 if i == 0 else 2), BasicBlock(c, c, 1)))
+            cin = c
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
 class LNMLP(nn.Module):
     """An MLP with LayerNorm and GELU, and a layer (``unused``) that forward never calls."""
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks._archs import BasicBlock, TorchvisionResNet18
 from netshrink.data import load_dataset
 from netshrink.errors import ModelError
 from netshrink.export import export_onnx, ort_error_rate, ort_latency, ort_predict, ort_session
@@ -19,47 +20,9 @@ from netshrink.quantize import Int8Config, quantize_
 from netshrink.task import Inputs
 
 
-class _Block(nn.Module):
-    """torchvision's BasicBlock: the shortcut is a stride-2 1x1 conv + BN when the shape changes."""
-
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(out)) + identity)
-
-
-class ResNet18(nn.Module):
-    """torchvision's resnet18 layout (7x7/2 stem, max-pool, 4 stages of 2 basic blocks) at a width of ``w``."""
-
-    def __init__(self, w=8, in_channels=1, num_classes=10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, w, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(w)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        layers, cin = [], w
-        for i, c in enumerate((w, 2 * w, 4 * w, 8 * w)):
-            layers.append(nn.Sequential(_Block(cin, c, 1 if i == 0 else 2), _Block(c, c, 1)))
-            cin = c
-        self.layer1, self.layer2, self.layer3, self.layer4 = layers
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, num_classes)
-
-    def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+def ResNet18(w=8, in_channels=1, num_classes=10):
+    """torchvision's resnet18 layout at a first-stage width of ``w`` (benchmarks/_archs.py)."""
+    return TorchvisionResNet18(in_channels, num_classes, w)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +71,7 @@ def test_bn_cnns_export_to_int8_and_match_the_simulated_model(tmp_path, digits, 
     assert np.abs(got - logits).max() <= 0.05 * np.abs(logits).max()
     # convs that feed a residual Add cannot become QLinearConv: with float_unfused they keep float weights
     fl = export_onnx(q, tmp_path / "f.onnx", (1, 8, 8), int8=True, float_unfused=True)
-    residual = any(isinstance(m, (_Block,)) for m in model.modules()) or hasattr(model, "stages")
+    residual = any(isinstance(m, BasicBlock) for m in model.modules()) or hasattr(model, "stages")
     assert (not residual or fl.float_weights) and not set(fl.float_weights) & set(fl.quantized)
     assert set(fl.float_weights) | set(fl.quantized) == set(exp.quantized)
     got_f = ort_predict(ort_session(fl.path, threads=1), x)

@@ -41,6 +41,7 @@ from netshrink.quantize import Int8Config, quantize_
 from netshrink.report import markdown_table
 from netshrink.train import TrainConfig, Trainer
 
+from .._archs import TorchvisionResNet18
 from . import SummaryRow, suite
 
 BASE_IMAGES, BASE_EPOCHS, BASE_LR = 10000, 1, 0.05
@@ -59,47 +60,7 @@ VARIANTS = {
 }
 
 
-class _Block(nn.Module):
-    """torchvision's BasicBlock: ``relu(bn2(conv2(relu(bn1(conv1 x)))) + downsample(x))``."""
-
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(out)) + identity)
-
-
-class ResNet18(nn.Module):
-    """torchvision's resnet18 layout for ``in_channels`` x 28 x 28 inputs (see the module docstring)."""
-
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 64):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, width, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        stages, cin = [], width
-        for i, c in enumerate((width, 2 * width, 4 * width, 8 * width)):
-            stages.append(nn.Sequential(_Block(cin, c, 1 if i == 0 else 2), _Block(c, c, 1)))
-            cin = c
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, num_classes)
-
-    def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+ResNet18 = TorchvisionResNet18
 
 
 MODELS = {
