@@ -19,23 +19,17 @@ from netshrink.prune.variational_dropout import (
     wrap_,
 )
 from netshrink.train import TrainConfig, Trainer
+from tests._digits_mlp import digits_mlp, trained_digits_mlp
 
 VD_TRAIN = {"epochs": 6, "optimizer": "adam", "lr": 3e-3, "batch_size": 64, "progress": False, "device": "cpu"}
 
 
 @pytest.fixture(scope="module")
 def trained():
-    splits = digits()
-    torch.manual_seed(0)
-    model = build_model("mlp", in_features=64, hidden=[64, 32])
-    Trainer(model, TrainConfig(epochs=8, lr=0.05, batch_size=32, schedule="cosine", progress=False, device="cpu")).fit(splits.train)
-    return splits, {k: v.clone() for k, v in model.state_dict().items()}
+    return trained_digits_mlp()
 
 
-def _model(state):
-    model = build_model("mlp", in_features=64, hidden=[64, 32])
-    model.load_state_dict(state)
-    return model
+_model = digits_mlp
 
 
 def test_kl_approximation_matches_the_paper_fit():

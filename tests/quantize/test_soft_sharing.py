@@ -19,23 +19,17 @@ from netshrink.quantize.soft_sharing import (
     quantize_to_mixture_,
 )
 from netshrink.train import TrainConfig, Trainer
+from tests._digits_mlp import digits_mlp, trained_digits_mlp
 
 SWS_TRAIN = {"epochs": 10, "optimizer": "adam", "lr": 2e-3, "batch_size": 64, "progress": False, "device": "cpu"}
 
 
 @pytest.fixture(scope="module")
 def trained():
-    splits = digits()
-    torch.manual_seed(0)
-    model = build_model("mlp", in_features=64, hidden=[64, 32])
-    Trainer(model, TrainConfig(epochs=8, lr=0.05, batch_size=32, schedule="cosine", progress=False, device="cpu")).fit(splits.train)
-    return splits, {k: v.clone() for k, v in model.state_dict().items()}
+    return trained_digits_mlp()
 
 
-def _model(state):
-    model = build_model("mlp", in_features=64, hidden=[64, 32])
-    model.load_state_dict(state)
-    return model
+_model = digits_mlp
 
 
 def test_mixture_log_prob_matches_the_densities():
