@@ -58,6 +58,65 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+def _int8_section(work: Path) -> list[str]:
+    """int8 in onnxruntime on the BN CNNs, from the int8_ort suite's last run (its details file)."""
+    path = work.parent / "int8_ort" / "details.json"
+    head = ["## int8 in onnxruntime on networks with BatchNorm", ""]
+    if not path.exists():
+        return head + ["Not measured in this checkout: run `python -m benchmarks.run --only int8_ort` first.", ""]
+    rows = []
+    for d in json.loads(path.read_text()):
+        lat, ours = d["latency_ms"], "ORT int8 (ours)"
+        fp = lat["ORT fp32"]
+        sp = [float(fp[b]) / float(lat[ours][b]) for b in ("1", "32")]  # JSON keys: the batch sizes as strings
+        gap = d["gap_points"][ours]
+        rows.append([d["model"], f"{100 * d['sim']:.2f}%", f"{100 * d[ours]:.2f}%", f"{gap:.2f} ({'met' if gap <= 0.1 + 1e-9 else 'MISSED'})",
+                     f"{sp[0]:.2f}x / {sp[1]:.2f}x", f"{100 * d['ORT int8 (quantize_static)']:.2f}%"])
+    return head + [
+        "From `python -m benchmarks.run --only int8_ort` (benchmarks/results/int8_ort.md has the whole table, the machine "
+        "and the load): BatchNorm folded, our int8 QDQ export in onnxruntime against the simulated (fake-quant) model "
+        "(target: gap <= 0.1 point) and the measured speedup over fp32 onnxruntime, 1 thread.",
+        "",
+        _table(["network", "simulated int8 error", "ORT int8 error", "gap (points)", "speedup b1 / b32", "quantize_static error"], rows),
+        "",
+    ]
+
+
+def _tie_section() -> list[str]:
+    """A tied-weight model's sizes on unique storage, measured here."""
+    from netshrink import metrics
+    from netshrink.pack import pack
+
+    class TiedLM(torch.nn.Module):
+        def __init__(self, vocab: int = 1000, dim: int = 64):
+            super().__init__()
+            self.emb = torch.nn.Embedding(vocab, dim)
+            self.mix = torch.nn.Linear(dim, dim)
+            self.head = torch.nn.Linear(dim, vocab, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.mix(self.emb(ids))))
+
+    import tempfile
+
+    m = TiedLM()
+    naive = sum(p.numel() for _, p in m.named_parameters(remove_duplicate=False))
+    with tempfile.TemporaryDirectory() as tmp:
+        nbytes = pack(m, Path(tmp) / "tied.nsk")
+        nbytes = nbytes if isinstance(nbytes, int) else (Path(tmp) / "tied.nsk").stat().st_size
+    return [
+        "## Tied weights are counted once",
+        "",
+        f"An Embedding(1000, 64) tied to the output Linear (plus a 64x64 Linear): parameters counted per name "
+        f"{naive:,}, on unique storage (`metrics.count_params`) {metrics.count_params(m):,}; fp32 bytes "
+        f"{metrics.fp32_bytes(m):,}; packed raw .nsk {nbytes:,} bytes, so the compression ratio of a packed file "
+        f"is {metrics.fp32_bytes(m) / nbytes:.2f}x, not the {4 * naive / nbytes:.2f}x a double count would claim "
+        "(`tests/test_ties.py::test_a_tie_is_counted_once` fails if a tie is counted twice).",
+        "",
+    ]
+
+
 @suite("generality")
 def run(work: Path, results: Path, resume: bool, machine: list[str]) -> list[SummaryRow]:
     torch.set_num_threads(THREADS)
@@ -109,6 +168,8 @@ def run(work: Path, results: Path, resume: bool, machine: list[str]) -> list[Sum
         _table(["architecture", "method", "outcome", "what happened"], [[c.arch, c.method, c.outcome, c.message] for c in bad])
         if bad else "None.",
         "",
+        *_int8_section(work),
+        *_tie_section(),
         "## Every cell: the output check, or the error it gave",
         "",
         _table(["architecture", "method", "outcome", "check / message", "s"], detail),
