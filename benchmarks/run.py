@@ -23,12 +23,19 @@ WORK = Path(__file__).resolve().parent / "out"
 COLUMNS = ("suite", "method", "model", "test error", "params", "non-zeros", "bytes", "ratio", "MACs dense / effective", "latency b1 / b64 (ms)")
 
 
+def _error_cell(r: SummaryRow) -> str:
+    """The error column: a perplexity (rows that say they carry one, stored as ppl / 100) is shown as such."""
+    if "perplexity in the error column" in r.method:
+        return f"ppl {100 * r.test_error:.2f}"
+    return f"{100 * r.test_error:.2f}%"
+
+
 def _cells(r: SummaryRow) -> list[str]:
     return [
         r.suite,
         r.method,
         r.model,
-        f"{100 * r.test_error:.2f}%",
+        _error_cell(r),
         f"{r.params:,}",
         f"{r.nonzeros:,}",
         f"{r.bytes:,}",
