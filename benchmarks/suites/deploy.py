@@ -161,7 +161,7 @@ def _resnet50(work: Path, doc: list[str]) -> list[SummaryRow]:
         d8 = base[1] / timed["dense ORT int8 (netshrink QDQ)"][1]
         q8 = base[1] / timed["dense ORT int8 (onnxruntime quantize_static)"][1]
         doc.append(f"- Dense int8 at batch 1: ours {d8:.2f}x, onnxruntime quantize_static {q8:.2f}x over fp32 ORT "
-                   f"({'at least as fast' if d8 >= q8 * 0.97 else 'SLOWER'} than quantize_static; 3% noise margin).")
+                   f"({'at least as fast as' if d8 >= q8 * 0.97 else 'SLOWER than'} quantize_static; 3% noise margin).")
     doc.append("")
     (work / "r50.json").write_text(json.dumps(timed))
     return [SummaryRow("deploy", f"channel 0.5 -> ORT fp32 ({sp1:.2f}x b1, {sp32:.2f}x b32)", "resnet50", float("nan"), p_pruned,
