@@ -54,7 +54,11 @@ def _load() -> str:
 
 
 def _macs(model: nn.Module, x: torch.Tensor) -> int:
-    return metrics.macs(model, x).dense
+    """Dense MACs per example; an EquivariantConv2d (a functional conv with its expanded kernel, which
+    metrics.macs does not see) counts as the dense conv it applies (lowrank_zoo's rule)."""
+    from .lowrank_zoo import _macs as zoo_macs
+
+    return zoo_macs(model, x)[0]
 
 
 def _export(model: nn.Module, path: Path, x: torch.Tensor, **kw: Any) -> Any:
