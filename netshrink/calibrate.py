@@ -53,8 +53,9 @@ def is_linear(m: nn.Module) -> bool:
 
 
 def linear_weight(m: nn.Module) -> torch.Tensor:
-    """The ``(out, in)`` weight matrix of a Linear-like layer (a copy for Conv1D)."""
-    return m.weight.data if isinstance(m, nn.Linear) else m.weight.data.t()
+    """The ``(out, in)`` weight matrix of a Linear-like layer (a copy for Conv1D; an Embedding's
+    ``(vocab, dim)`` table as it is: one row per token)."""
+    return m.weight.data if isinstance(m, (nn.Linear, nn.Embedding)) else m.weight.data.t()
 
 
 def set_linear_weight(m: nn.Module, w: torch.Tensor) -> None:
@@ -62,7 +63,7 @@ def set_linear_weight(m: nn.Module, w: torch.Tensor) -> None:
     from torch.nn.utils import parametrize
 
     target = m.parametrizations.weight.original.data if parametrize.is_parametrized(m, "weight") else m.weight.data
-    target.copy_(w if isinstance(m, nn.Linear) else w.t())
+    target.copy_(w if isinstance(m, (nn.Linear, nn.Embedding)) else w.t())
 
 
 def in_features(m: nn.Module) -> int:

@@ -9,10 +9,14 @@ Weight-only quantization: every Linear that carries group-quantized codes (``mod
 from GPTQ / RTN / AWQ / SparseGPT+bits) has its ``MatMul`` replaced by onnxruntime's contrib operator
 ``com.microsoft.MatMulNBits`` (``bits`` 4 or 8, ``block_size`` = the group size: a power of two >= 16;
 per-channel codes are written with ``block_size`` 128 and the row's scale repeated over its blocks,
-which dequantizes to the same numbers). ``B`` is packed ``(N, K/block, block*bits/8)`` uint8, two 4-bit
-codes per byte low nibble first; scales ``(N, K/block)``; zero points uint8, packed the same way. The
-operator computes ``A @ (s (q - z))^T`` -- the weights the torch model holds, so the ONNX model's
-logits match the simulated model's up to float rounding. AWQ's input scale becomes a ``Div`` before it.
+which dequantizes to the same numbers), and every Embedding with codes (RTN's ``extra_layers``) has its
+``Gather`` replaced by ``com.microsoft.GatherBlockQuantized`` over the same packed codes. ``B`` is packed
+``(N, K/block, block*bits/8)`` uint8 (the token table ``(vocab, dim*bits/8)``), two 4-bit codes per byte
+low nibble first; scales ``(N, K/block)``; zero points uint8, packed the same way. The operators compute
+``A @ (s (q - z))^T`` and ``(s (q - z))[ids]`` -- the weights the torch model holds, so at
+``accuracy_level`` 0 the ONNX model's logits match the simulated model's up to float rounding; level 4
+(int8 activations per block, integer products) is onnxruntime's fast path. AWQ's input scale becomes a
+``Div`` before the MatMulNBits.
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ import torch
 from torch import nn
 
 from ._fileio import atomic_write_bytes
-from .calibrate import find_blocks, block_layers
 from .errors import ConfigError, ModelError
 
 OPSET = 17
@@ -56,7 +59,32 @@ def _plain(model: nn.Module) -> nn.Module:
 
     m = copy.deepcopy(model)
     make_permanent(m)
+    _smoothquant_as_codes(m)
     return m.eval()
+
+
+def _smoothquant_as_codes(model: nn.Module) -> None:
+    """Each SmoothQuant W8A8 layer ``y = fq_token(x / s) @ (Δ q)^T`` becomes a Linear with weight
+    ``Δ q / s`` carrying 8-bit codes ``q + 128`` (zero point 128, one group per row) and the input scale
+    ``s``: exported as ``Div(x, s)`` then an 8-bit MatMulNBits, whose ``accuracy_level`` 4 quantizes the
+    activations to int8 per block of 128 inputs (SmoothQuant's per-token int8, on finer blocks)."""
+    from .quantize.gptq import GroupQuant
+    from .quantize.smoothquant import SmoothQuantLinear
+
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, SmoothQuantLinear):
+            continue
+        d = mod.w_step.float()
+        codes = torch.round(mod.weight.detach().float() / d[:, None])
+        gq = GroupQuant(8, mod.in_features, (codes + 128).to(torch.uint8), d[:, None].clone(),
+                        torch.full((mod.out_features, 1), 128, dtype=torch.uint8), mod.smooth.detach().float().clone())
+        lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+        lin.weight.data.copy_(gq.dequantize())
+        if mod.bias is not None:
+            lin.bias.data.copy_(mod.bias.detach())
+        lin.netshrink_groupq = gq
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, lin)
 
 
 def _trace(model: nn.Module) -> Any:
@@ -121,73 +149,113 @@ class ExportReport:
     bytes: int
     nbits_layers: int
     dense_layers: int
+    #: Embeddings written as ``GatherBlockQuantized`` (int4 token tables)
+    nbits_gathers: int = 0
 
 
-def export_lm(model: nn.Module, path: str | os.PathLike[str], *, weight_bits: int | None = None) -> ExportReport:
-    """Write ``model`` (a ``llama_lm``) as ONNX with its KV cache. ``weight_bits`` 4 or 8: layers with group
-    codes (``netshrink_groupq``, of those bits) become MatMulNBits; None: plain fp32 MatMul everywhere."""
+#: MatMulNBits ``accuracy_level``: 0 computes in fp32 on the dequantized weights (the simulated model's
+#: numbers); 4 quantizes each block of the activations to int8 and multiplies in integers (onnxruntime's
+#: fastest CPU kernels, within int8 activation rounding of the simulated model).
+ACCURACY_LEVELS = (0, 1, 4)
+
+
+def _quantized_layers(plain: nn.Module, bits: int) -> tuple[dict[bytes, tuple[str, Any, str]], int]:
+    """``{weight bytes as in the graph: (layer name, codes, kind)}`` of every Linear / Embedding with group
+    codes of ``bits``, and the number of Linear layers left dense. A Linear's weight is an initializer of
+    its MatMul transposed ``(in, out)``; an Embedding's the data of its Gather ``(vocab, dim)``."""
+    found: dict[bytes, tuple[str, Any, str]] = {}
+    dense = 0
+    for name, mod in plain.named_modules():
+        if not isinstance(mod, (nn.Linear, nn.Embedding)):
+            continue
+        gq = getattr(mod, "netshrink_groupq", None)
+        if gq is None or gq.bits != bits:
+            dense += isinstance(mod, nn.Linear)
+            continue
+        w = mod.weight.detach().numpy()
+        if isinstance(mod, nn.Linear):
+            found[np.ascontiguousarray(w.T, dtype=np.float32).tobytes()] = (name, gq, "matmul")
+        else:
+            if gq.in_scale is not None:
+                raise ModelError(f"{name}: an Embedding with an activation-aware input scale cannot be exported")
+            found[np.ascontiguousarray(w, dtype=np.float32).tobytes()] = (name, gq, "gather")
+    return found, dense
+
+
+def export_lm(model: nn.Module, path: str | os.PathLike[str], *, weight_bits: int | None = None, accuracy_level: int = 0) -> ExportReport:
+    """Write ``model`` (a ``llama_lm``) as ONNX with its KV cache. ``weight_bits`` 4 or 8: every Linear with
+    group codes (``netshrink_groupq``, of those bits) becomes ``MatMulNBits`` and every Embedding with them
+    ``GatherBlockQuantized``; None: plain fp32 everywhere. ``accuracy_level``: see :data:`ACCURACY_LEVELS`."""
     from onnx import helper, numpy_helper
 
     if weight_bits not in (None, 4, 8):
         raise ConfigError("weight_bits", f"expected 4, 8 or None, got {weight_bits!r}")
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise ConfigError("accuracy_level", f"expected one of {ACCURACY_LEVELS}, got {accuracy_level!r}")
     proto, plain = _trace(model)
-    replaced = 0
-    dense = 0
+    replaced = gathers = dense = 0
     if weight_bits is not None:
-        inits = {i.name: i for i in proto.graph.initializer}
-        by_bytes: dict[bytes, str] = {}
-        for name, init in inits.items():
+        layers, dense = _quantized_layers(plain, weight_bits)
+        plan: dict[str, tuple[str, Any, str]] = {}
+        for init in proto.graph.initializer:
             if len(init.dims) == 2:
-                by_bytes.setdefault(numpy_helper.to_array(init).tobytes(), name)
-        path_, blocks = find_blocks(model)
-        nodes = list(proto.graph.node)
+                hit = layers.get(numpy_helper.to_array(init).tobytes())
+                if hit is not None:
+                    plan[init.name] = hit
+        missing = sorted({n for n, _, _ in layers.values()} - {n for n, _, _ in plan.values()})
+        if missing:
+            raise ModelError(f"{missing[0]}: its weight is not an initializer of the traced graph")
         new_nodes = []
-        plan: dict[str, tuple[Any, nn.Module]] = {}
-        for b, block in enumerate(blocks):
-            for local, mod in block_layers(block).items():
-                gq = getattr(mod, "netshrink_groupq", None)
-                if gq is None or gq.bits != weight_bits:
-                    dense += 1
-                    continue
-                w = plain.get_submodule(f"{path_}.{b}.{local}").weight.detach().numpy().T
-                init_name = by_bytes.get(np.ascontiguousarray(w, dtype=np.float32).tobytes())
-                if init_name is None:
-                    raise ModelError(f"{path_}.{b}.{local}: its weight is not an initializer of the traced graph")
-                plan[init_name] = (gq, mod)
-        for node in nodes:
-            if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in plan:
-                gq, mod = plan[node.input[1]]
-                k, n = gq.q.shape[1], gq.q.shape[0]
-                g, q, s, z = _block_for(gq, k)
-                base = node.input[1]
-                a = node.input[0]
-                if gq.in_scale is not None:
-                    sc = f"{base}_awq_scale"
-                    proto.graph.initializer.append(numpy_helper.from_array(gq.in_scale.float().numpy(), sc))
-                    new_nodes.append(helper.make_node("Div", [a, sc], [f"{base}_awq_in"]))
-                    a = f"{base}_awq_in"
+        used: set[str] = set()
+        for node in proto.graph.node:
+            kind = "matmul" if node.op_type == "MatMul" else "gather" if node.op_type == "Gather" else None
+            w_in = node.input[1] if kind == "matmul" else node.input[0] if kind == "gather" else None
+            hit = plan.get(w_in) if w_in is not None and len(node.input) == 2 else None
+            if hit is None or hit[2] != kind:
+                new_nodes.append(node)
+                continue
+            _, gq, _ = hit
+            n, k = gq.q.shape
+            g, q, sc, z = _block_for(gq, k)
+            base, a = w_in, node.input[0]
+            if base not in used:
                 proto.graph.initializer.extend([
-                    numpy_helper.from_array(pack_nbits(q, weight_bits, g), f"{base}_qB"),
-                    numpy_helper.from_array(s.astype(np.float32), f"{base}_scales"),
+                    numpy_helper.from_array(pack_nbits(q, weight_bits, g).reshape(n, -1) if kind == "gather" else pack_nbits(q, weight_bits, g), f"{base}_qB"),
+                    numpy_helper.from_array(sc.astype(np.float32), f"{base}_scales"),
                     numpy_helper.from_array(pack_zero_points(z, weight_bits), f"{base}_zp"),
                 ])
-                new_nodes.append(helper.make_node("MatMulNBits", [a, f"{base}_qB", f"{base}_scales", f"{base}_zp"], list(node.output),
-                                                  domain="com.microsoft", K=k, N=n, bits=weight_bits, block_size=g))
-                replaced += 1
-            else:
-                new_nodes.append(node)
-        keep = [i for i in proto.graph.initializer if i.name not in plan]
+                used.add(base)
+            if kind == "gather":
+                new_nodes.append(helper.make_node("GatherBlockQuantized", [f"{base}_qB", node.input[1], f"{base}_scales", f"{base}_zp"],
+                                                  list(node.output), domain="com.microsoft", gather_axis=0, quantize_axis=1,
+                                                  block_size=g, bits=weight_bits))
+                gathers += 1
+                continue
+            if gq.in_scale is not None:
+                s_name = f"{base}_awq_scale"
+                if s_name not in used:
+                    proto.graph.initializer.append(numpy_helper.from_array(gq.in_scale.float().numpy(), s_name))
+                    used.add(s_name)
+                new_nodes.append(helper.make_node("Div", [a, s_name], [f"{node.output[0]}_awq_in"]))
+                a = f"{node.output[0]}_awq_in"
+            new_nodes.append(helper.make_node("MatMulNBits", [a, f"{base}_qB", f"{base}_scales", f"{base}_zp"], list(node.output),
+                                              domain="com.microsoft", K=k, N=n, bits=weight_bits, block_size=g,
+                                              accuracy_level=accuracy_level))
+            replaced += 1
+        still_read = {i for node in new_nodes for i in node.input}
+        keep = [i for i in proto.graph.initializer if i.name not in plan or i.name in still_read]
         del proto.graph.node[:]
         proto.graph.node.extend(new_nodes)
         del proto.graph.initializer[:]
         proto.graph.initializer.extend(keep)
         if not any(o.domain == "com.microsoft" for o in proto.opset_import):
             proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-        if replaced != len(plan):
-            raise ModelError(f"{len(plan) - replaced} quantized layer(s) were not found as MatMul nodes in the graph")
+        if not used.issuperset(plan):
+            name = next(plan[i][0] for i in plan if i not in used)
+            raise ModelError(f"{name}: its quantized weight was not found as a MatMul or Gather input in the graph")
     blob = proto.SerializeToString()
     atomic_write_bytes(path, blob)
-    return ExportReport(str(path), len(blob), replaced, dense)
+    return ExportReport(str(path), len(blob), replaced, dense, gathers)
 
 
 # ------------------------------------------------------------------------------------- runtime

@@ -53,14 +53,14 @@ class GroupHint:
 
 
 def groupq_hints(model: nn.Module) -> dict[str, GroupHint]:
-    """A :class:`GroupHint` per Linear weight with group codes, by plain state_dict name."""
+    """A :class:`GroupHint` per Linear or Embedding weight with group codes, by plain state_dict name."""
     from ..quantize._storage import StorageHint
 
     out: dict[str, Any] = {}
     for name, m in model.named_modules():
         gq = getattr(m, "netshrink_groupq", None)
         key = f"{name}.weight" if name else "weight"
-        if gq is not None and isinstance(m, nn.Linear):
+        if gq is not None and isinstance(m, (nn.Linear, nn.Embedding)):
             out[key] = GroupHint(gq)
         elif type(m).__name__ == "SmoothQuantLinear" and isinstance(getattr(m, "w_step", None), torch.Tensor):
             # SmoothQuant's int8 rows: the existing per-channel affine encoding (checked exact by its encoder)

@@ -257,16 +257,24 @@ class GptqConfig(CalibConfig):
 @register("rtn", family="quantize")
 @dataclass
 class RtnConfig(BaseConfig):
-    """Round-to-nearest group quantization (the baseline of GPTQ and AWQ); needs no data."""
+    """Round-to-nearest group quantization (the baseline of GPTQ and AWQ); needs no data.
+
+    ``extra_layers``: name patterns of Linear or Embedding layers *outside* the blocks to round as well
+    (``[embed, lm_head]``: the token table and the head, which GPTQ's block-by-block calibration does not
+    reach; with ``layers: []`` after a GPTQ stage, this stage rounds only them).
+    """
 
     bits: int = 4
     group_size: int | None = 128
     sym: bool = False
     layers: list[str] | None = None
     blocks: str | None = None
+    extra_layers: list[str] | None = None
 
     def validate(self) -> None:
         _check_quant_fields(self)
+        if self.extra_layers is not None and (not isinstance(self.extra_layers, list) or not all(isinstance(p, str) and p for p in self.extra_layers)):
+            raise ConfigError("extra_layers", f"must be a list of layer name patterns, got {self.extra_layers!r}")
 
 
 @handler(GptqConfig)
@@ -307,6 +315,39 @@ def rtn_(model: nn.Module, config: RtnConfig, data: Any = None, task: Any = None
             check_group(config.group_size, w.shape[1], name)
             set_group_quant(m, rtn_quantize(w, config.bits, config.group_size, config.sym))
             out[name] = {"bits": config.bits, "group_size": config.group_size or w.shape[1]}
+    out.update(_rtn_outside(model, config, {id(m) for m in mods.modules()}))
+    return out
+
+
+def _rtn_outside(model: nn.Module, config: RtnConfig, inside: set[int]) -> dict[str, dict]:
+    """RTN on the ``extra_layers`` (Linear / Embedding outside the blocks); a tied weight is quantized once
+    and its codes shared by every layer that holds it."""
+    import fnmatch
+
+    if not config.extra_layers:
+        return {}
+    out: dict[str, dict] = {}
+    done: dict[int, GroupQuant] = {}
+    matched = set()
+    for name, m in model.named_modules():
+        hits = [p for p in config.extra_layers if fnmatch.fnmatchcase(name, p)]
+        if not hits or id(m) in inside:
+            continue
+        if not isinstance(m, (nn.Linear, nn.Embedding)):
+            raise ConfigError("extra_layers", f"{name} is a {type(m).__name__}; only Linear and Embedding layers outside the blocks can be rounded")
+        matched.update(hits)
+        key = id(m.weight)
+        if key not in done:
+            w = linear_weight(m)
+            check_group(config.group_size, w.shape[1], name)
+            done[key] = rtn_quantize(w, config.bits, config.group_size, config.sym)
+            set_group_quant(m, done[key])
+        else:
+            m.netshrink_groupq = done[key]
+        out[name] = {"bits": config.bits, "group_size": config.group_size or m.weight.shape[1], "outside_blocks": True}
+    missing = [p for p in config.extra_layers if p not in matched]
+    if missing:
+        raise ConfigError("extra_layers", f"no Linear or Embedding layer outside the blocks matches {missing[0]!r}")
     return out
 
 

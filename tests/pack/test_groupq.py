@@ -34,6 +34,17 @@ def test_rtn_round_trip_is_exact_at_the_true_width(tmp_path, bits):
         assert torch.equal(p, p2), n
 
 
+def test_token_table_and_head_stored_at_four_bits(tmp_path):
+    m = tiny_lm()
+    quantize_(m, RtnConfig(bits=4, group_size=32, extra_layers=["embed", "lm_head"]))
+    st = {t.name: t for t in pack(m, tmp_path / "m.nsk", coding="fixed").tensors}
+    assert st["embed.weight"].encoding == "groupq" and st["lm_head.weight"].encoding == "groupq"
+    assert st["embed.weight"].nbytes <= 256 * 64 / 2 + 256 * 2 * 5 + 8
+    m2 = load(tmp_path / "m.nsk")
+    ids = calib(2)[0][None]
+    assert torch.equal(m(ids), m2(ids))
+
+
 def test_awq_and_sparse_four_bit_round_trip(tmp_path):
     for fn, cfg in ((quantize_, AwqConfig(bits=4, group_size=32, samples=8, progress=False)),
                     (prune_, SparseGptConfig(sparsity=0.5, bits=4, group_size=32, samples=8, progress=False))):
