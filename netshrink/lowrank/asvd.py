@@ -12,7 +12,9 @@ makes the truncation error track the *output* error on the calibration inputs ``
 
 The layer becomes a :class:`~netshrink.lowrank.svd.LowRankLinear` (``first`` = ``V_r^T T^-1``,
 ``second`` = ``U_r Σ_r``) with rank ``r = floor(ratio * out * in / (out + in))``, i.e. ``ratio`` of the
-layer's weights. ``ratio: 0.8`` removes 20% of the weights of every factored layer.
+layer's weights. ``ratio: 0.8`` removes 20% of the weights of every factored layer. transformers' GPT-2
+``Conv1D`` (``y = x @ W + b``, ``W`` stored ``(in, out)``) is factored from its ``(out, in)`` matrix ``W^T``
+and becomes the same LowRankLinear.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .._modules import replace_module
 from .._registry import handler, register
 from ..calibrate import CalibConfig, OneShotResult, calibration_data, damped_hessian, linear_weight, lm_task, run_one_shot
 from ..config import check_range
+from ..quantize.smoothquant import replace_reason
 from .svd import LinearFactors, LowRankLinear
 
 
@@ -74,20 +77,23 @@ class AsvdConfig(CalibConfig):
 @handler(AsvdConfig)
 @torch.no_grad()
 def asvd_(model: nn.Module, config: AsvdConfig, data: Any = None, task: Any = None) -> OneShotResult:
-    """Factor every nn.Linear in the model's blocks (others are skipped, said so)."""
+    """Factor every nn.Linear (and GPT-2 Conv1D) in the model's blocks (others are skipped, said so)."""
     other: dict[str, str] = {}
 
     def layer(name: str, mod: nn.Module, st, _block, _local) -> dict:
-        if type(mod) is not nn.Linear:
-            other[name] = f"{type(mod).__name__} is not an nn.Linear"
+        why = replace_reason(mod)
+        if why is not None:
+            other[name] = why
             return {}
-        w = linear_weight(mod)
+        w = linear_weight(mod)  # (out, in); a Conv1D's stored (in, out) weight transposed
         r = rank_for(w.shape[0], w.shape[1], config.ratio)
         if config.whitening == "cholesky":
             f = whitened_factors(w, r, hessian=st.hessian, damp=config.damp)
         else:
             f = whitened_factors(w, r, abs_mean=st.abs_mean, alpha=config.alpha)
-        new = LowRankLinear.from_linear(mod, f)
+        bias = None if mod.bias is None else mod.bias.detach()
+        new = LowRankLinear(w.shape[1], w.shape[0], r, bias is not None).to(device=w.device, dtype=w.dtype)
+        new.set_factors(f, bias)
         replace_module(model, name, new)
         return {"rank": r, "params_before": w.numel(), "params_after": r * (w.shape[0] + w.shape[1])}
 

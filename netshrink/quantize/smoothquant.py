@@ -10,6 +10,9 @@ Then ``W'`` is quantized to int8 per output channel (symmetric, ``q = round(w / 
 and ``X'`` to int8 per token at run time (dynamic, symmetric). :class:`SmoothQuantLinear` simulates this
 in float32 (fake quantization): ``y = fq_tok(x / s) @ (Δ q)^T + b``. The paper folds ``1/s`` into the
 preceding LayerNorm; here the division stays in the layer (one element-wise op).
+
+transformers' GPT-2 ``Conv1D`` (``y = x @ W + b``, ``W`` stored ``(in, out)``) is the same map as a Linear
+with weight ``W^T``: it is smoothed and replaced the same way, from its ``(out, in)`` matrix.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from torch import nn
 
 from .._modules import register_module, replace_module
 from .._registry import handler, register
+from .._layers import is_gpt2_conv1d
 from ..calibrate import CalibConfig, OneShotResult, calibration_data, linear_weight, lm_task, run_one_shot
 from ..config import check_range
 from ..errors import ConfigError
@@ -63,6 +67,18 @@ class SmoothQuantLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def replace_reason(mod: nn.Module) -> str | None:
+    """Why a block layer cannot be replaced by a new module (None: it can): an ``nn.Linear`` or GPT-2
+    ``Conv1D`` whose weight carries no parametrization (a mask or quantizer the replacement would drop)."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(mod):
+        return f"its weight is parametrized ({type(mod).__name__}): replacing it would drop the mask or quantizer on it"
+    if type(mod) is nn.Linear or (is_gpt2_conv1d(mod) and type(mod).__name__ == "Conv1D"):
+        return None
+    return f"{type(mod).__name__} is not an nn.Linear or GPT-2 Conv1D"
+
+
 def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8 codes and steps of ``w``."""
     d = w.abs().amax(1).clamp_min(1e-12) / 127
@@ -87,17 +103,19 @@ class SmoothQuantConfig(CalibConfig):
 @handler(SmoothQuantConfig)
 @torch.no_grad()
 def smoothquant_(model: nn.Module, config: SmoothQuantConfig, data: Any = None, task: Any = None) -> OneShotResult:
-    """Replace every nn.Linear in the model's blocks with a :class:`SmoothQuantLinear` (others are skipped, said so)."""
+    """Replace every nn.Linear (and GPT-2 Conv1D) in the model's blocks with a :class:`SmoothQuantLinear`
+    (others are skipped, said so)."""
     skipped_types: dict[str, str] = {}
 
     def layer(name: str, mod: nn.Module, st, _block, _local) -> dict:
-        if type(mod) is not nn.Linear:
-            skipped_types[name] = f"{type(mod).__name__} is not an nn.Linear"
+        why = replace_reason(mod)
+        if why is not None:
+            skipped_types[name] = why
             return {"skipped": True}
-        w = linear_weight(mod).float()
+        w = linear_weight(mod).float()  # (out, in); a Conv1D's stored (in, out) weight transposed
         s = smooth_scales(st.abs_max, w, config.alpha)
         q, d = int8_rows(w * s[None, :])
-        new = SmoothQuantLinear(mod.in_features, mod.out_features, mod.bias is not None, config.act_bits)
+        new = SmoothQuantLinear(w.shape[1], w.shape[0], mod.bias is not None, config.act_bits)
         new.to(mod.weight.device)
         new.weight.data.copy_(q * d[:, None])
         new.smooth.copy_(s)
