@@ -10,8 +10,10 @@ time limit).
 
 The seed files are real packed models of every encoding (:func:`seed_files`): raw, sparse (mask),
 codebook, sparse codebook, int-k affine with and without zero points (and input quantizers), binary,
-ternary, float16 and bfloat16 casts, fixed and Huffman (block) coding, and models with replaced
-layers (low-rank, hashed).
+ternary, float16 and bfloat16 casts, fixed, Huffman (block) and rANS coding, and models with replaced
+layers (low-rank, hashed). rANS sections get the mutations Huffman sections get: their head fields
+(precision, symbol-set mode, the reserved bit) and the bits of their table (K, lanes, symbols,
+frequencies) tweaked with the checksums recomputed.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def seed_files(seed: int = 0) -> list[Seed]:
     x = torch.randn(64, 64, generator=g)
     out: list[Seed] = []
     out.append(Seed("raw", packed(_digits_mlp(), "fixed")))
-    for coding in ("fixed", "huffman"):
+    for coding in ("fixed", "huffman", "rans"):
         m = _digits_mlp((24, 16))
         w1, w2 = m.fc1.weight.detach(), m.fc2.weight.detach()
         apply_mask(m.fc1, torch.rand(w1.shape, generator=g) > 0.7)
@@ -148,7 +150,7 @@ def _weird(rng: random.Random) -> Any:
     if kind < 4:
         return rng.choice(_INTS)
     return [None, True, False, 0.5, -0.0, 1e308, float("nan"), float("inf"), "", "x" * rng.choice([1, 100, 5000]),
-            [], {}, [1, 2], {"a": 1}, ["float16"], [[[]]], "float16", "huffman", "fixed", "meta"][rng.randrange(20)]
+            [], {}, [1, 2], {"a": 1}, ["float16"], [[[]]], "float16", "huffman", "fixed", "meta", "rans"][rng.randrange(21)]
 
 
 def _tweak_int(v: int, rng: random.Random) -> int:
@@ -274,19 +276,47 @@ def _mutate_tensor(h: dict, sections: list[bytes], rng: random.Random) -> str:
     return _mutate_field(h, rng, ("tensors", h["tensors"].index(e)) if e in h.get("tensors", []) else ())
 
 
-def _huffman_sections(h: dict) -> list[int]:
+def _huffman_sections(h: dict, coding: str = "huffman") -> list[int]:
     out = []
     for e in _tensor_entries(h):
         parts = e.get("parts")
         if isinstance(parts, dict):
             for p in parts.values():
-                if isinstance(p, dict) and p.get("coding") == "huffman" and isinstance(p.get("section"), int):
+                if isinstance(p, dict) and p.get("coding") == coding and isinstance(p.get("section"), int):
                     out.append(p["section"])
     return out
 
 
+def _mutate_rans_head(i: int, sections: list[bytes], rng: random.Random) -> str:
+    """The head byte (precision, symbol-set mode, reserved bit) or bits of the table that follows it
+    (exp-Golomb codes of K and the lane count, symbol set, frequencies, lane states) of rANS section ``i``."""
+    data = bytearray(sections[i])
+    op = rng.randrange(4)
+    if op == 0:  # precision, possibly past the limit
+        data[0] = (data[0] & 0xE0) | rng.choice([0, 1, 2, 15, 16, 20, 21, 31])
+        what = "precision"
+    elif op == 1:  # symbol-set mode 0..3 and the reserved bit
+        data[0] = (data[0] & 0x1F) | (rng.randrange(8) << 5)
+        what = "mode"
+    elif op == 2 and len(data) > 1:  # a bit of the table's first bytes
+        for _ in range(rng.choice([1, 1, 2, 4])):
+            j = 1 + rng.randrange(min(len(data) - 1, 24))
+            data[j] ^= 1 << rng.randrange(8)
+        what = "table bits"
+    else:  # zeros or ones over the start of the table (huge exp-Golomb codes, K = 0 ...)
+        j = 1 + rng.randrange(max(1, min(len(data) - 1, 8)))
+        run = rng.choice([1, 2, 4])
+        data[j : j + run] = (b"\0" if rng.random() < 0.5 else b"\xff") * len(data[j : j + run])
+        what = "table run"
+    sections[i] = bytes(data)
+    return f"rans head {what} of section {i}"
+
+
 def _mutate_stream_head(h: dict, sections: list[bytes], rng: random.Random) -> str:
+    ranses = [i for i in _huffman_sections(h, "rans") if 0 <= i < len(sections) and sections[i]]
     idx = [i for i in _huffman_sections(h) if 0 <= i < len(sections) and len(sections[i]) >= _HUFF_HEAD.size]
+    if ranses and (not idx or rng.random() < 0.5):
+        return _mutate_rans_head(rng.choice(ranses), sections, rng)
     if not idx:
         return _mutate_payload(h, sections, rng)
     i = rng.choice(idx)

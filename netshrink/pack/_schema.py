@@ -8,7 +8,7 @@ A header passes :func:`check_header` or raises one :class:`FormatError` naming t
 * every tensor entry against its encoding's row of :data:`PARTS`: its keys, name, shape (at most
   :data:`MAX_DIMS` dimensions), dtype, ``kept``/``nonzeros`` within the element count, and each part:
   an *array* part (``dtype`` a known name, ``count`` exactly what the encoding needs) or a *stream*
-  part (``coding`` fixed or huffman, ``bits`` within the encoding's width, ``count`` what the encoding
+  part (``coding`` fixed, huffman or rans, ``bits`` within the encoding's width, ``count`` what the encoding
   needs, ``block`` within what the writer uses, ``coded_bits`` within the section, ``entropy_bits``
   a finite number within ``count * bits``), and the ``quant`` fields of the quantized encodings;
 * the whole file: the declared tensors' elements within a budget derived from the file's size
@@ -76,7 +76,7 @@ MAX_ARG_CHARS = 1000
 _ENTRY_KEYS = {"name", "shape", "dtype", "encoding", "masked", "nonzeros", "kept", "parts"}
 _ARRAY_KEYS = {"section", "dtype", "count"}
 _STREAM_KEYS = {"section", "coding", "bits", "count", "coded_bits", "entropy_bits"}
-_CODINGS = ("fixed", "huffman")
+_CODINGS = ("fixed", "huffman", "rans")
 
 
 def element_limit(file_bytes: int) -> int:

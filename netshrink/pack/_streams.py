@@ -1,7 +1,9 @@
-"""One symbol stream (gaps or codebook indices) coded fixed-width or Huffman, with its statistics.
+"""One symbol stream (gaps or codebook indices) coded fixed-width, Huffman or rANS, with its statistics.
 
-``coding="auto"`` codes the stream both ways and keeps the smaller section (ties go to fixed), the
-per-stream choice of Deep Compression's last stage (Han et al., ICLR 2016, §4).
+``coding="auto"`` codes the stream every way and keeps the smallest section, tables included (ties go
+to fixed, then Huffman), the per-stream choice of Deep Compression's last stage (Han et al., ICLR 2016,
+§4). rANS (:mod:`netshrink.pack.rans`, Duda 2013) spends fractions of a bit per symbol, so it comes
+within its table's bytes of the entropy bound where a Huffman code cannot.
 
 Block Huffman: a Huffman code spends at least one bit per symbol and up to ``p_max + 0.086`` bits over
 the entropy ``H`` (Gallager 1978), which is far over for a skewed stream of few symbols (a bitmap of a
@@ -10,7 +12,9 @@ brings the bound down to ``H + 1/k`` bits per original symbol (Shannon's source-
 Thomas §5.4). The Huffman coder tries ``k = 1, 2, ...`` (while ``k * bits <= 32`` and the extended
 alphabet stays small) and keeps the ``k`` whose section, code table included, is smallest. A stream
 of ``n`` symbols is padded with zeros to a multiple of ``k``; the header's ``block`` field holds ``k``
-(absent means 1) and the decoder drops the padding.
+(absent means 1) and the decoder drops the padding. rANS tries the same block sizes (its payload is
+near the entropy of the blocks, which is below ``k * H`` when neighbouring symbols are correlated)
+and keeps the one whose estimated section, table included, is smallest.
 """
 
 from __future__ import annotations
@@ -21,17 +25,18 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError
-from . import huffman
+from . import huffman, rans
 from ._bits import pack_fixed, packed_nbytes, unpack_fixed
 from ._format import int_field
 
-CODINGS = ("auto", "fixed", "huffman")
+CODINGS = ("auto", "fixed", "huffman", "rans")
 
 
 @dataclass(frozen=True)
 class CodedStream:
     """A coded stream: ``count`` symbols below ``2**bits`` in ``data``; ``coded_bits`` are the bits of
-    the codewords alone, ``entropy_bits`` the Shannon bound ``n * H`` of the stream."""
+    the codewords alone (rANS: payload and final states), ``entropy_bits`` the Shannon bound ``n * H``
+    of the stream; ``len(data)`` counts everything, head and code table included."""
 
     coding: str
     bits: int
@@ -103,19 +108,46 @@ def _best_huffman(sym: np.ndarray, bits: int) -> tuple[huffman.HuffmanStream, by
     return best
 
 
+def _best_rans(sym: np.ndarray, bits: int) -> tuple[rans.RansStream, int] | None:
+    """The rANS stream of the block size whose estimated section is smallest (None: too many symbols)."""
+    best = None
+    for k in range(1, max_block(bits) + 1):
+        values = _blocked(sym, bits, k)
+        used, counts = np.unique(values, return_counts=True)
+        if k > 1 and (used.size > MAX_BLOCK_ALPHABET or used.size * MIN_BLOCK_REUSE > values.size):
+            break
+        if used.size > 1 << rans.MAX_PRECISION:
+            continue
+        est = rans.plan(used, counts)[1] if values.size else 0.0
+        if best is None or est < best[0]:
+            best = (est, k, values)
+    if best is None:
+        return None
+    return rans.encode(best[2]), best[1]
+
+
 def code_stream(symbols: np.ndarray, bits: int, coding: str) -> CodedStream:
-    """Code ``symbols`` (each below ``2**bits``) with ``coding`` in ``auto``/``fixed``/``huffman``."""
+    """Code ``symbols`` (each below ``2**bits``) with ``coding`` in ``auto``/``fixed``/``huffman``/``rans``.
+
+    ``rans`` falls back to Huffman for a stream of more than ``2**20`` distinct symbols (blocks), which
+    its table cannot hold; the returned ``coding`` says which coder was used.
+    """
     if coding not in CODINGS:
         raise ValueError(f"coding must be one of {CODINGS}, got {coding!r}")
     sym = np.asarray(symbols, dtype=np.int64).reshape(-1)
     n = sym.size
     ent = huffman.entropy_bits(sym)
-    fixed_len = packed_nbytes(n, bits)
-    if coding in ("auto", "huffman"):
+    best = CodedStream("fixed", bits, n, n * bits, ent, pack_fixed(sym, bits)) if coding in ("auto", "fixed") else None
+    if coding in ("auto", "huffman") or (coding == "rans" and n and np.unique(sym).size > 1 << rans.MAX_PRECISION):
         stream, blob, k = _best_huffman(sym, bits)
-        if coding == "huffman" or len(blob) < fixed_len:
-            return CodedStream("huffman", bits, n, stream.nbits, ent, blob, k)
-    return CodedStream("fixed", bits, n, n * bits, ent, pack_fixed(sym, bits))
+        if best is None or len(blob) < len(best.data):
+            best = CodedStream("huffman", bits, n, stream.nbits, ent, blob, k)
+    if coding in ("auto", "rans"):
+        found = _best_rans(sym, bits)
+        if found is not None and (best is None or len(found[0].data) < len(best.data)):
+            best = CodedStream("rans", bits, n, found[0].coded_bits, ent, found[0].data, found[1])
+    assert best is not None
+    return best
 
 
 def decode_stream(part: dict[str, Any], data: memoryview, where: str, max_bits: int, max_count: int) -> np.ndarray:
@@ -131,9 +163,15 @@ def decode_stream(part: dict[str, Any], data: memoryview, where: str, max_bits: 
         if len(data) != packed_nbytes(count, bits):
             raise FormatError(f"{where}: {len(data)} bytes do not hold {count} symbols of {bits} bits")
         return unpack_fixed(data, bits, count)
-    if coding != "huffman":
+    if coding not in ("huffman", "rans"):
         raise FormatError(f"{where}: unknown coding {coding!r}")
     k = int_field(part, "block", where, 1, max_block(bits)) if "block" in part else 1
+    if coding == "rans":
+        try:
+            values = rans.decode(data, -(-count // k), (1 << (k * bits)) - 1)
+        except FormatError as exc:
+            raise FormatError(f"{where}: {exc}") from None
+        return _unblocked(values, bits, k, count)
     try:
         stream = huffman.HuffmanStream.from_bytes(data)
         if stream.count != -(-count // k):

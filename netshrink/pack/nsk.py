@@ -214,8 +214,9 @@ def _emit(f: BinaryIO, model: nn.Module, coding: str, metadata: dict[str, Any] |
 def pack(model: nn.Module, path: str | os.PathLike, *, coding: str = "auto", metadata: dict[str, Any] | None = None) -> PackStats:
     """Write ``model`` to ``path`` as .nsk and return its sizes.
 
-    ``coding``: ``"auto"`` takes the smaller of fixed-width and Huffman per stream, ``"fixed"`` forces
-    fixed width (the size before Huffman coding), ``"huffman"`` forces Huffman. ``metadata`` (a
+    ``coding``: ``"auto"`` takes the smallest of fixed-width, Huffman and rANS per stream (tables
+    included), ``"fixed"`` forces fixed width (the size before Huffman coding), ``"huffman"`` forces
+    Huffman, ``"rans"`` forces rANS (:mod:`netshrink.pack.rans`). ``metadata`` (a
     JSON-serializable dict, e.g. the run's metrics) is stored in the header. The write is atomic: on
     any error no file is left behind and an existing file at ``path`` is intact.
     """

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import FormatError
-from . import huffman
+from . import huffman, rans
 
 #: widest gap symbol; escapes bridge longer gaps (keeps every cumulative sum far from int64 overflow)
 MAX_GAP_BITS = 24
@@ -151,8 +151,8 @@ def choose_gap_bits(positions: np.ndarray, size: int, coding: str = "auto") -> G
     Widths beyond the first that needs no escape only widen a fixed code and leave a Huffman code's
     histogram unchanged, so the search stops there.
     """
-    if coding not in ("auto", "fixed", "huffman"):
-        raise ValueError(f"coding must be 'auto', 'fixed' or 'huffman', got {coding!r}")
+    if coding not in ("auto", "fixed", "huffman", "rans"):
+        raise ValueError(f"coding must be 'auto', 'fixed', 'huffman' or 'rans', got {coding!r}")
     skips = _skips(positions, size)
     if skips.size == 0:
         return GapChoice(1, "fixed", 0.0)
@@ -165,6 +165,8 @@ def choose_gap_bits(positions: np.ndarray, size: int, coding: str = "auto") -> G
             cands.append(GapChoice(b, "fixed", float(n_sym * b)))
         if coding in ("auto", "huffman"):
             cands.append(GapChoice(b, "huffman", huffman_estimate_bits(used, counts)))
+        if coding in ("auto", "rans") and used.size <= 1 << rans.MAX_PRECISION:
+            cands.append(GapChoice(b, "rans", rans.estimate_bits(used, counts)))
         for c in cands:
             if best is None or c.est_bits < best.est_bits:
                 best = c

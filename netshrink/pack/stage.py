@@ -12,9 +12,10 @@ from ..config import BaseConfig
 @register("huffman", family="pack")
 @dataclass
 class HuffmanConfig(BaseConfig):
-    """Canonical Huffman coding of the weight-index and index-gap streams (Han et al. 2016 §4)."""
+    """Canonical Huffman coding of the weight-index and index-gap streams (Han et al. 2016 §4);
+    ``coding: auto`` takes per stream the smallest of fixed, Huffman and rANS, ``rans`` forces rANS."""
 
-    coding: Literal["huffman", "auto", "fixed"] = "huffman"
+    coding: Literal["huffman", "auto", "fixed", "rans"] = "huffman"
 
 
 @dataclass
