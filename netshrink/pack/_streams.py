@@ -108,43 +108,36 @@ def _best_huffman(sym: np.ndarray, bits: int) -> tuple[huffman.HuffmanStream, by
     return best
 
 
-def _best_rans(sym: np.ndarray, bits: int) -> tuple[rans.RansStream, int] | None:
-    """The rANS stream of the block size whose estimated section is smallest (None: too many symbols)."""
+def _best_rans(sym: np.ndarray, bits: int) -> tuple[rans.RansStream, int]:
+    """The rANS stream of the block size whose estimated section is smallest."""
     best = None
     for k in range(1, max_block(bits) + 1):
         values = _blocked(sym, bits, k)
         used, counts = np.unique(values, return_counts=True)
         if k > 1 and (used.size > MAX_BLOCK_ALPHABET or used.size * MIN_BLOCK_REUSE > values.size):
             break
-        if used.size > 1 << rans.MAX_PRECISION:
-            continue
-        est = rans.plan(used, counts)[1] if values.size else 0.0
+        est = rans.choose(used, counts)[2] if values.size else 0.0
         if best is None or est < best[0]:
             best = (est, k, values)
-    if best is None:
-        return None
+    assert best is not None
     return rans.encode(best[2]), best[1]
 
 
 def code_stream(symbols: np.ndarray, bits: int, coding: str) -> CodedStream:
-    """Code ``symbols`` (each below ``2**bits``) with ``coding`` in ``auto``/``fixed``/``huffman``/``rans``.
-
-    ``rans`` falls back to Huffman for a stream of more than ``2**20`` distinct symbols (blocks), which
-    its table cannot hold; the returned ``coding`` says which coder was used.
-    """
+    """Code ``symbols`` (each below ``2**bits``) with ``coding`` in ``auto``/``fixed``/``huffman``/``rans``."""
     if coding not in CODINGS:
         raise ValueError(f"coding must be one of {CODINGS}, got {coding!r}")
     sym = np.asarray(symbols, dtype=np.int64).reshape(-1)
     n = sym.size
     ent = huffman.entropy_bits(sym)
     best = CodedStream("fixed", bits, n, n * bits, ent, pack_fixed(sym, bits)) if coding in ("auto", "fixed") else None
-    if coding in ("auto", "huffman") or (coding == "rans" and n and np.unique(sym).size > 1 << rans.MAX_PRECISION):
+    if coding in ("auto", "huffman"):
         stream, blob, k = _best_huffman(sym, bits)
         if best is None or len(blob) < len(best.data):
             best = CodedStream("huffman", bits, n, stream.nbits, ent, blob, k)
     if coding in ("auto", "rans"):
         found = _best_rans(sym, bits)
-        if found is not None and (best is None or len(found[0].data) < len(best.data)):
+        if best is None or len(found[0].data) < len(best.data):
             best = CodedStream("rans", bits, n, found[0].coded_bits, ent, found[0].data, found[1])
     assert best is not None
     return best

@@ -6,9 +6,9 @@ in Giesen, "Interleaved entropy coders", arXiv 1402.3392, 2014)
 * **Table.** The ``K`` distinct symbols get integer frequencies ``f_s >= 1`` with ``sum_s f_s = M = 2**p``
   and cumulative starts ``c_s = sum_{t<s} f_t``; coding a stream with histogram ``n_s`` costs
   ``sum_s n_s * log2(M / f_s)`` bits, the entropy ``n * H`` plus the divergence of ``f / M`` from the
-  empirical distribution. :func:`quantize` rounds ``n_s * M / n`` and then moves single units where
-  they cost least; :func:`plan` tries every precision ``p`` and keeps the one whose section (table +
-  payload, in bits) is smallest.
+  empirical distribution. :func:`quantize` shares ``M`` out in proportion to ``n_s`` (at least 1
+  each) and gives the units left where they save most; :func:`plan` tries the precisions ``p`` and
+  keeps the one whose section (table + payload, in bits) is smallest.
 * **Coding.** The state ``x`` lives in ``[L, 2L)`` with ``L = M * 2**STATE_EXTRA``. To encode ``s`` the
   encoder first shifts out the ``m`` low bits of ``x`` (written to the stream) that bring it into
   ``[f_s * 2**STATE_EXTRA, 2 * f_s * 2**STATE_EXTRA)``, then sets
@@ -22,14 +22,20 @@ in Giesen, "Interleaved entropy coders", arXiv 1402.3392, 2014)
   stream in decoding order), so that numpy can step all lanes at once for long streams; short
   streams use one lane and a plain Python loop. Every lane starts at ``x = L`` and the decoder must end
   every lane there: a stream that does not is corrupt.
+* **Buckets.** A stream with a long sparse tail (the gaps of a pruned layer) would need a table entry
+  per distinct value; :class:`Buckets` code a value ``v >= 2**t`` as a token for its bit length and
+  top ``h`` bits plus ``bitlen(v) - 1 - h`` raw bits (as DEFLATE's distance codes), so the table holds
+  at most ``2**t + 32 * 2**h`` tokens. :func:`choose` keeps buckets only where the section is smaller.
 
 Section (``bytes``): one byte ``precision p`` (bits 0-4) | symbol-set mode (bits 5-6: 0 = the symbols
-are ``0..K-1``, 1 = bitmap, 2 = gaps) | bit 7 zero; then one MSB-first bit stream: exp-Golomb(0) codes
-of ``K`` and (``K > 0``) of ``W - 1`` | symbol set (bitmap: exp-Golomb(0) of ``max - (K-1)`` and
+are ``0..K-1``, 1 = bitmap, 2 = gaps) | bit 7: buckets; then one MSB-first bit stream: exp-Golomb(0)
+codes of ``K`` and (``K > 0``) of ``W - 1`` | buckets: ``t`` in 5 bits, ``h`` in 2 bits | symbol set
+(of the tokens when bucketed) (bitmap: exp-Golomb(0) of ``max - (K-1)`` and
 ``max + 1`` bits; gaps: a 5-bit order ``g`` and ``K`` exp-Golomb(g) codes) | frequencies (``K > 1``: an
 order ``e`` in ``bitlen(p)`` bits, the index of the largest frequency in ``bitlen(K-1)`` bits, the other
 ``K - 1`` values ``f - 1`` as exp-Golomb(e) codes; the largest is ``M`` minus their sum) | ``W`` final
-states minus ``L``, ``p + STATE_EXTRA`` bits each | payload | a stop bit 1 | zero padding to a byte.
+states minus ``L``, ``p + STATE_EXTRA`` bits each | payload (per symbol, in decoding order: its
+renormalisation bits, then its raw bucket bits) | a stop bit 1 | zero padding to a byte.
 
 The symbol count is not stored: the caller passes it (the .nsk header holds it). :func:`decode` checks
 every field against the section's length and the caller's bounds before it allocates anything, and a
@@ -47,11 +53,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import FormatError
+from ._rans_table import (MAX_PRECISION, STATE_EXTRA, Buckets, RansTable, _best_eg, _eg0_len, _eg_pairs, _freq_layout,
+                          _histogram, _pack_pairs, _Reader, _symset_layout, _windows, _bitlen, choose, estimate_bits,
+                          payload_bits, plan, quantize)
 
-#: largest precision ``p`` (frequency total ``M = 2**p``); so at most ``2**20`` distinct symbols
-MAX_PRECISION = 20
-#: headroom bits of the state above the precision: ``L = 2**(p + STATE_EXTRA)``
-STATE_EXTRA = 8
 #: largest symbol value accepted (the extended alphabet of a block of symbols fits in 32 bits)
 MAX_SYMBOL = (1 << 32) - 1
 #: most decoding steps (symbols per lane) a stream may ask for: ``W >= ceil(count / MAX_STEPS)``
@@ -62,17 +67,6 @@ NUMPY_LANES = 16
 TARGET_STEPS = 4096
 #: ... unless the stored states would then cost more than this share of the payload
 LANE_SHARE = 0.001
-_MAX_EG_ZEROS = 40
-_PACK_CHUNK = 1 << 16
-
-
-@dataclass(frozen=True)
-class RansTable:
-    """Used ``symbols`` (ascending int64) and their ``freqs`` (int64, ``>= 1``, summing to ``2**precision``)."""
-
-    symbols: np.ndarray
-    freqs: np.ndarray
-    precision: int
 
 
 @dataclass(frozen=True)
@@ -88,222 +82,6 @@ class RansStream:
     data: bytes
 
 
-# ------------------------------------------------------------------------------------------- tables
-
-
-def quantize(counts: np.ndarray, precision: int) -> np.ndarray:
-    """Frequencies ``f >= 1`` summing to ``2**precision`` that keep ``sum n_s log2(M / f_s)`` small.
-
-    Start from ``max(1, floor(n_s M / n))``; then, while the sum is off, add a unit where it saves most
-    (``n_s log2((f+1)/f)``) or remove one where it costs least (``n_s log2(f/(f-1))``, ``f >= 2``),
-    one unit per symbol per round.
-    """
-    c = np.asarray(counts, dtype=np.int64).reshape(-1)
-    m = 1 << precision
-    if c.size == 0:
-        return c.copy()
-    if c.size > m or int(c.min()) <= 0:
-        raise ValueError(f"{c.size} positive counts do not fit in a total of {m}")
-    n = int(c.sum())
-    f = np.maximum(1, (c * m) // n) if m <= (1 << 62) // max(1, int(c.max())) else np.maximum(1, np.floor(c / n * m).astype(np.int64))
-    cf = c.astype(np.float64)
-    diff = m - int(f.sum())
-    while diff != 0:
-        if diff > 0:
-            gain = cf * np.log2((f + 1) / f)
-            take = np.argsort(-gain, kind="stable")[: min(diff, f.size)]
-            f[take] += 1
-            diff -= take.size
-        else:
-            loss = np.where(f > 1, cf * np.log2(f / np.maximum(f - 1, 1)), np.inf)
-            ok = int(np.count_nonzero(f > 1))
-            take = np.argsort(loss, kind="stable")[: min(-diff, ok)]
-            f[take] -= 1
-            diff += take.size
-    return f
-
-
-def payload_bits(counts: np.ndarray, freqs: np.ndarray, precision: int) -> float:
-    """Ideal payload ``sum_s n_s log2(2**p / f_s)`` in bits."""
-    c = np.asarray(counts, dtype=np.float64)
-    return float(np.sum(c * (precision - np.log2(np.asarray(freqs, dtype=np.float64)))))
-
-
-def _bitlen(v: np.ndarray) -> np.ndarray:
-    """Bit lengths of non-negative int64 values below ``2**53``."""
-    return np.frexp(np.asarray(v, dtype=np.float64))[1].astype(np.int64)
-
-
-def _eg_lengths(v: np.ndarray, order: int) -> np.ndarray:
-    """Lengths of the exp-Golomb codes of order ``order`` of the values ``v >= 0``."""
-    return 2 * _bitlen(v + (1 << order)) - order - 1
-
-
-def _best_eg(v: np.ndarray, top: int) -> tuple[int, int]:
-    """``(order, total bits)`` of the cheapest exp-Golomb order in ``0..top`` for the values ``v``."""
-    best = (0, int(_eg_lengths(v, 0).sum()))
-    for k in range(1, top + 1):
-        bits = int(_eg_lengths(v, k).sum())
-        if bits < best[1]:
-            best = (k, bits)
-    return best
-
-
-def _eg0_len(v: int) -> int:
-    return 2 * (v + 1).bit_length() - 1
-
-
-def _symset_layout(symbols: np.ndarray) -> tuple[int, int]:
-    """``(mode, bits)`` of the cheapest coding of the symbol set (0: ``0..K-1``, 1: bitmap, 2: gaps)."""
-    k = symbols.size
-    top = int(symbols[-1])
-    if top == k - 1:
-        return 0, 0
-    gaps = np.diff(symbols, prepend=-1) - 1
-    return min((1, _eg0_len(top - (k - 1)) + top + 1), (2, 5 + _best_eg(gaps, 31)[1]), key=lambda t: t[1])
-
-
-def _freq_layout(freqs: np.ndarray, precision: int) -> tuple[int, int, int]:
-    """``(exp-Golomb order, index of the largest frequency, bits)`` of the frequency table."""
-    k = freqs.size
-    if k <= 1:
-        return 0, 0, 0
-    imax = int(np.argmax(freqs))
-    order, bits = _best_eg(np.delete(freqs, imax) - 1, min(31, (1 << precision.bit_length()) - 1))
-    return order, imax, precision.bit_length() + (k - 1).bit_length() + bits
-
-
-def table_bits(symbols: np.ndarray, freqs: np.ndarray, precision: int) -> int:
-    """Bits of the head and table of a one-lane section."""
-    k = symbols.size
-    return 8 + _eg0_len(k) + 1 + _symset_layout(symbols)[1] + _freq_layout(freqs, precision)[2]
-
-
-def _histogram(sym: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(unique symbols, counts, index of each symbol in the unique ones)``."""
-    top = int(sym.max())
-    if top <= 4 * sym.size + (1 << 16):
-        counts = np.bincount(sym, minlength=top + 1)
-        used = np.flatnonzero(counts)
-        index = np.zeros(top + 1, dtype=np.int64)
-        index[used] = np.arange(used.size)
-        return used.astype(np.int64), counts[used].astype(np.int64), index[sym]
-    used, inverse, counts = np.unique(sym, return_inverse=True, return_counts=True)
-    return used.astype(np.int64), counts.astype(np.int64), inverse.reshape(-1).astype(np.int64)
-
-
-def plan(symbols: np.ndarray, counts: np.ndarray) -> tuple[RansTable, float]:
-    """The table (precision and frequencies) whose one-lane section is smallest, and its estimated bits.
-
-    Every precision from ``bitlen(K - 1)`` up to ``MAX_PRECISION`` (and no more than ``bitlen(n) + 4``,
-    past which the table only grows) is tried: table bits + ideal payload + the stored state.
-    """
-    symbols = np.asarray(symbols, dtype=np.int64).reshape(-1)
-    counts = np.asarray(counts, dtype=np.int64).reshape(-1)
-    k, n = symbols.size, int(counts.sum())
-    lo = (k - 1).bit_length()
-    if lo > MAX_PRECISION:
-        raise ValueError(f"{k} distinct symbols exceed the rANS limit of {1 << MAX_PRECISION}")
-    hi = max(lo, min(MAX_PRECISION, n.bit_length() + 4))
-    best: tuple[RansTable, float] | None = None
-    for p in range(lo, hi + 1):
-        f = quantize(counts, p)
-        bits = table_bits(symbols, f, p) + payload_bits(counts, f, p) + p + STATE_EXTRA
-        if best is None or bits < best[1]:
-            best = (RansTable(symbols, f, p), bits)
-    assert best is not None
-    return best
-
-
-def estimate_bits(symbols: np.ndarray, counts: np.ndarray) -> float:
-    """Estimated bits of the rANS section of a stream with this histogram (head, table, payload)."""
-    if int(np.sum(counts)) == 0:
-        return 16.0
-    return plan(symbols, counts)[1]
-
-
-# ------------------------------------------------------------------------------------------ bit I/O
-
-
-def _pack_pairs(values: np.ndarray, widths: np.ndarray) -> bytes:
-    """Each value in its width (0..63 bits), MSB first, back to back; zero-padded to a byte."""
-    values = np.asarray(values, dtype=np.int64).reshape(-1)
-    widths = np.asarray(widths, dtype=np.int64).reshape(-1)
-    parts: list[bytes] = []
-    pending = np.zeros(0, dtype=np.uint8)
-    for a in range(0, values.size, _PACK_CHUNK):
-        v, w = values[a : a + _PACK_CHUNK], widths[a : a + _PACK_CHUNK]
-        keep = w > 0
-        v, w = v[keep], w[keep]
-        if v.size == 0:
-            continue
-        ends = np.cumsum(w)
-        total = int(ends[-1])
-        shift = np.repeat(w - 1, w) - (np.arange(total) - np.repeat(ends - w, w))
-        bits = ((np.repeat(v, w) >> shift) & 1).astype(np.uint8)
-        if pending.size:
-            bits = np.concatenate([pending, bits])
-        full = bits.size & ~7
-        parts.append(np.packbits(bits[:full]).tobytes())
-        pending = bits[full:]
-    parts.append(np.packbits(pending).tobytes())
-    return b"".join(parts)
-
-
-class _Reader:
-    """MSB-first bit reader over ``buf[start:]`` whose every read is checked against the end."""
-
-    def __init__(self, buf: bytes, start_bit: int):
-        self.buf = buf
-        self.pos = start_bit
-        self.end = 8 * len(buf)
-
-    def read(self, n: int, what: str) -> int:
-        if n == 0:
-            return 0
-        if self.pos + n > self.end:
-            raise FormatError(f"rans stream: {what} runs past the end of the section")
-        a, b = self.pos >> 3, (self.pos + n + 7) >> 3
-        v = int.from_bytes(self.buf[a:b], "big")
-        v = (v >> (8 * (b - a) - (self.pos & 7) - n)) & ((1 << n) - 1)
-        self.pos += n
-        return v
-
-    def read_eg(self, order: int, what: str) -> int:
-        """One exp-Golomb code of order ``order``: ``z`` zeros, then ``z + order + 1`` bits ``u``; ``u - 2**order``."""
-        zeros = 0
-        while True:
-            if self.pos >= self.end:
-                raise FormatError(f"rans stream: {what} runs past the end of the section")
-            look = min(16, self.end - self.pos)
-            peek = self.read(look, what)
-            if peek:
-                lead = look - peek.bit_length()
-                zeros += lead
-                self.pos -= look - lead  # back to the leading one
-                break
-            zeros += look
-            if zeros > _MAX_EG_ZEROS:
-                raise FormatError(f"rans stream: {what} has a code of more than {_MAX_EG_ZEROS} leading zeros")
-        if zeros > _MAX_EG_ZEROS:
-            raise FormatError(f"rans stream: {what} has a code of more than {_MAX_EG_ZEROS} leading zeros")
-        return self.read(zeros + order + 1, what) - (1 << order)
-
-
-def _eg_pairs(v: np.ndarray, order: int) -> tuple[np.ndarray, np.ndarray]:
-    u = np.asarray(v, dtype=np.int64) + (1 << order)
-    return u, 2 * _bitlen(u) - order - 1
-
-
-def _windows(buf: np.ndarray) -> np.ndarray:
-    """``win[i]``: the 64 bits starting at byte ``i`` (big-endian, zero past the end), as uint64."""
-    pad = np.concatenate([buf, np.zeros(8, dtype=np.uint8)]).astype(np.uint64)
-    win = np.zeros(buf.size, dtype=np.uint64)
-    for i in range(8):
-        win |= pad[i : i + buf.size] << np.uint64(56 - 8 * i)
-    return win
-
-
 # ------------------------------------------------------------------------------------------- encode
 
 
@@ -313,14 +91,16 @@ def _lanes_for(n: int, est_bits: float, l_bits: int) -> int:
     return w if w >= NUMPY_LANES else max(1, need)
 
 
-def _encode_scalar(idx: np.ndarray, f: np.ndarray, c: np.ndarray, p: int, lanes: int) -> tuple[list[int], np.ndarray, np.ndarray]:
-    """Python loop: ``(final states, emitted values, their widths)`` in decoding order."""
+def _encode_scalar(idx: np.ndarray, rawv: np.ndarray, raww: np.ndarray, f: np.ndarray, c: np.ndarray, p: int,
+                   lanes: int) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """Python loop: ``(final states, emitted values, their widths)`` in decoding order; each symbol's
+    renormalisation bits are followed by its raw bits."""
     extra = STATE_EXTRA
     L = 1 << (p + extra)
     xs = [L] * lanes
     fl, cl = f.tolist(), c.tolist()
     vals, wids = [], []
-    keys = idx.tolist()
+    keys, rv, rw = idx.tolist(), rawv.tolist(), raww.tolist()
     for i in range(len(keys) - 1, -1, -1):
         j = i % lanes
         s = keys[i]
@@ -330,8 +110,8 @@ def _encode_scalar(idx: np.ndarray, f: np.ndarray, c: np.ndarray, p: int, lanes:
         m = x.bit_length() - a.bit_length()
         if (x >> m) < a:
             m -= 1
-        vals.append(x & ((1 << m) - 1))
-        wids.append(m)
+        vals.append(((x & ((1 << m) - 1)) << rw[i]) | rv[i])
+        wids.append(m + rw[i])
         x >>= m
         q, r = divmod(x, fs)
         xs[j] = (q << p) + cl[s] + r
@@ -340,7 +120,8 @@ def _encode_scalar(idx: np.ndarray, f: np.ndarray, c: np.ndarray, p: int, lanes:
     return xs, np.array(vals, dtype=np.int64), np.array(wids, dtype=np.int64)
 
 
-def _encode_numpy(idx: np.ndarray, f: np.ndarray, c: np.ndarray, p: int, lanes: int) -> tuple[list[int], np.ndarray, np.ndarray]:
+def _encode_numpy(idx: np.ndarray, rawv: np.ndarray, raww: np.ndarray, f: np.ndarray, c: np.ndarray, p: int,
+                  lanes: int) -> tuple[list[int], np.ndarray, np.ndarray]:
     """All lanes stepped at once: ``(final states, emitted values, their widths)`` in decoding order."""
     n = idx.size
     steps = -(-n // lanes)
@@ -356,8 +137,9 @@ def _encode_numpy(idx: np.ndarray, f: np.ndarray, c: np.ndarray, p: int, lanes: 
         low = fs << STATE_EXTRA
         m = _bitlen(xs) - _bitlen(low)
         m -= (xs >> m) < low
-        vals[t, :a] = xs & ((np.int64(1) << m) - 1)
-        wids[t, :a] = m
+        rw = raww[t * lanes : t * lanes + a]
+        vals[t, :a] = ((xs & ((np.int64(1) << m) - 1)) << rw) | rawv[t * lanes : t * lanes + a]
+        wids[t, :a] = m + rw
         xs = xs >> m
         x[:a] = (xs // fs << p) + c[s] + xs % fs
     return x.tolist(), vals.reshape(-1), wids.reshape(-1)
@@ -366,8 +148,9 @@ def _encode_numpy(idx: np.ndarray, f: np.ndarray, c: np.ndarray, p: int, lanes: 
 def encode(symbols: np.ndarray, *, lanes: int | None = None, table: RansTable | None = None) -> RansStream:
     """rANS-code a stream of non-negative integers (values up to :data:`MAX_SYMBOL`).
 
-    ``table`` defaults to :func:`plan`'s; ``lanes`` to one for short streams and enough for numpy
-    stepping on long ones (at most :data:`MAX_STEPS` steps per lane in any case).
+    ``table`` (over the stream's own symbols, no buckets) defaults to :func:`choose`'s coding; ``lanes``
+    to one for short streams and enough for numpy stepping on long ones (at most :data:`MAX_STEPS`
+    steps per lane in any case).
     """
     sym = np.asarray(symbols).reshape(-1)
     if sym.size and sym.dtype.kind not in "iu":
@@ -380,8 +163,14 @@ def encode(symbols: np.ndarray, *, lanes: int | None = None, table: RansTable | 
     if int(sym.min()) < 0 or int(sym.max()) > MAX_SYMBOL:
         raise ValueError(f"symbols must be in 0..{MAX_SYMBOL}")
     used, counts, idx = _histogram(sym)
+    buckets = None
+    rawv = raww = np.zeros(n, dtype=np.int64)
     if table is None:
-        table, est = plan(used, counts)
+        buckets, table, est = choose(used, counts)
+        if buckets is not None:
+            tok, rawv, raww = buckets.tokens(sym)
+            idx = np.searchsorted(table.symbols, tok)
+            used = table.symbols
     else:
         if not np.array_equal(table.symbols, used):
             raise ValueError("the table's symbols are not the stream's")
@@ -396,12 +185,15 @@ def encode(symbols: np.ndarray, *, lanes: int | None = None, table: RansTable | 
         raise ValueError(f"lanes must be in {-(-n // MAX_STEPS)}..{n}, got {lanes}")
     c = np.concatenate([[0], np.cumsum(f)[:-1]]).astype(np.int64)
     run = _encode_numpy if lanes >= NUMPY_LANES else _encode_scalar
-    states, vals, wids = run(idx, f, c, p, lanes)
+    states, vals, wids = run(idx, rawv, raww, f, c, p, lanes)
 
     mode, _ = _symset_layout(used)
     k = used.size
     tv: list[np.ndarray] = [np.array([k + 1, lanes])]  # exp-Golomb(0) of K and of W - 1
     tw: list[np.ndarray] = [np.array([_eg0_len(k), _eg0_len(lanes - 1)])]
+    if buckets is not None:
+        tv.append(np.array([buckets.direct, buckets.mantissa]))
+        tw.append(np.array([5, 2]))
     if mode == 1:
         bitmap = np.zeros(int(used[-1]) + 1, dtype=np.int64)
         bitmap[used] = 1
@@ -421,17 +213,17 @@ def encode(symbols: np.ndarray, *, lanes: int | None = None, table: RansTable | 
     tbits = 8 + int(sum(int(w.sum()) for w in tw))
     tv += [np.array(states, dtype=np.int64) - (1 << l_bits), vals, np.array([1])]  # ... and the stop bit
     tw += [np.full(lanes, l_bits, dtype=np.int64), wids, np.array([1])]
-    data = bytes([p | (mode << 5)]) + _pack_pairs(np.concatenate(tv), np.concatenate(tw))
+    data = bytes([p | (mode << 5) | (0x80 if buckets is not None else 0)]) + _pack_pairs(np.concatenate(tv), np.concatenate(tw))
     return RansStream(table, n, lanes, lanes * l_bits + int(wids.sum()), tbits, data)
 
 
 # ------------------------------------------------------------------------------------------- decode
 
 
-def _read_table(buf: bytes, count: int, max_symbol: int) -> tuple[RansTable, int, _Reader]:
+def _read_table(buf: bytes, count: int, max_symbol: int) -> tuple[RansTable, Buckets | None, int, _Reader]:
     if len(buf) < 2:
         raise FormatError(f"rans stream: {len(buf)} bytes, shorter than its 2-byte head")
-    p, mode = buf[0] & 0x1F, buf[0] >> 5
+    p, mode, bucketed = buf[0] & 0x1F, (buf[0] >> 5) & 3, buf[0] >> 7
     if mode > 2 or p > MAX_PRECISION:
         raise FormatError(f"rans stream: precision {p} (at most {MAX_PRECISION}) or symbol-set mode {mode} out of range")
     m = 1 << p
@@ -442,10 +234,15 @@ def _read_table(buf: bytes, count: int, max_symbol: int) -> tuple[RansTable, int
     if k == 0:
         if buf[0]:
             raise FormatError("rans stream: an empty stream with a precision or symbol-set mode")
-        return RansTable(np.zeros(0, np.int64), np.zeros(0, np.int64), p), 0, r
+        return RansTable(np.zeros(0, np.int64), np.zeros(0, np.int64), p), None, 0, r
     lanes = r.read_eg(0, "lane count W") + 1
     if not -(-count // MAX_STEPS) <= lanes <= count:
         raise FormatError(f"rans stream: {lanes} lanes for {count} symbols (need {-(-count // MAX_STEPS)}..{count})")
+    buckets = None
+    if bucketed:
+        buckets = Buckets(r.read(5, "bucket direct bits"), r.read(2, "bucket mantissa bits"))
+        if buckets.mantissa > buckets.direct:
+            raise FormatError(f"rans stream: bucket mantissa of {buckets.mantissa} bits exceeds its {buckets.direct} direct bits")
     if mode == 0:
         symbols = np.arange(k, dtype=np.int64)
     elif mode == 1:
@@ -487,7 +284,13 @@ def _read_table(buf: bytes, count: int, max_symbol: int) -> tuple[RansTable, int
                 raise FormatError(f"rans stream: frequencies sum to 2**{p} or more before the largest one")
             rest.append(v)
         freqs = np.array(rest[:imax] + [m - total] + rest[imax:], dtype=np.int64)
-    return RansTable(symbols, freqs, p), lanes, r
+    if buckets is not None:
+        big = symbols >= 1 << buckets.direct
+        if big.any() and int(symbols[big].max() - (1 << buckets.direct)) >> buckets.mantissa > 31 - buckets.direct:
+            raise FormatError(f"rans stream: a token of the table names a symbol of more than 32 bits")
+        if big.any() and int(buckets.untoken(symbols[big])[0].max()) > max_symbol:
+            raise FormatError(f"rans stream: a token of the table names symbols that exceed {max_symbol}")
+    return RansTable(symbols, freqs, p), buckets, lanes, r
 
 
 def _check_end(buf: bytes, pos: int) -> None:
@@ -506,7 +309,7 @@ def decode(data: bytes | memoryview, count: int, max_symbol: int = MAX_SYMBOL) -
     buf = bytes(data)
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise FormatError(f"rans stream: symbol count {count!r} is not a non-negative integer")
-    table, lanes, r = _read_table(buf, count, max_symbol)
+    table, buckets, lanes, r = _read_table(buf, count, max_symbol)
     if count == 0:
         _check_end(buf, r.pos)
         return np.zeros(0, dtype=np.int64)
@@ -518,7 +321,8 @@ def decode(data: bytes | memoryview, count: int, max_symbol: int = MAX_SYMBOL) -
     states = [L + r.read(l_bits, "lane states") for _ in range(lanes)]
     start, end = r.pos, r.end
     payload = end - start
-    if payload > count * (p + 1) + 8:
+    base, rbits = buckets.untoken(table.symbols) if buckets is not None else (table.symbols, np.zeros(f.size, np.int64))
+    if payload > count * (p + 1 + int(rbits.max())) + 8:
         raise FormatError(f"rans stream: {payload} payload bits exceed what {count} symbols can read")
     if f.size > 1:  # each symbol carries at least log2(M / f_max) bits, less the rounding of the state
         least = p - math.log2(int(f.max())) - 2.0 ** (3 - STATE_EXTRA)
@@ -527,22 +331,23 @@ def decode(data: bytes | memoryview, count: int, max_symbol: int = MAX_SYMBOL) -
     c = np.concatenate([[0], np.cumsum(f)[:-1]]).astype(np.int64)
     slot = np.repeat(np.arange(f.size, dtype=np.int32), f)
     raw = np.frombuffer(buf, dtype=np.uint8)
-    if lanes >= NUMPY_LANES:
-        idx, pos, states = _decode_numpy(raw, states, count, f, c, slot, p, start, end)
-    else:
-        idx, pos, states = _decode_scalar(raw, states, count, f, c, slot, p, start, end)
+    run = _decode_numpy if lanes >= NUMPY_LANES else _decode_scalar
+    out, pos, states = run(raw, states, count, f, c, slot, base, rbits, p, start, end)
     if any(x != L for x in states):
         raise FormatError("rans stream: a lane does not end in its initial state (corrupt payload)")
     _check_end(buf, pos)
-    return table.symbols[idx]
+    if buckets is not None and int(out.max()) > max_symbol:
+        raise FormatError(f"rans stream: a decoded symbol exceeds {max_symbol}")
+    return out
 
 
-def _decode_scalar(raw, states, count, f, c, slot, p, start, end):
+def _decode_scalar(raw, states, count, f, c, slot, base, rbits, p, start, end):
+    """Python loop over the symbols: ``(symbols, end bit, final states)``."""
     lanes = len(states)
     l1 = p + STATE_EXTRA + 1
     mask = (1 << p) - 1
     win = _windows(raw).tolist()
-    fl, cl, sl = f.tolist(), c.tolist(), slot.tolist()
+    fl, cl, sl, bl, rl = f.tolist(), c.tolist(), slot.tolist(), base.tolist(), rbits.tolist()
     out = [0] * count
     pos = start
     xs = list(states)
@@ -553,17 +358,22 @@ def _decode_scalar(raw, states, count, f, c, slot, p, start, end):
         s = sl[r]
         x = fl[s] * (x >> p) + r - cl[s]
         m = l1 - x.bit_length()
-        if m:
-            if pos + m > end:
+        w = m + rl[s]
+        v = bl[s]
+        if w:
+            if pos + w > end:
                 raise FormatError("rans stream: the payload runs past the end of the section")
-            x = (x << m) | ((win[pos >> 3] >> (64 - (pos & 7) - m)) & ((1 << m) - 1))
-            pos += m
+            bits = (win[pos >> 3] >> (64 - (pos & 7) - w)) & ((1 << w) - 1)
+            x = (x << m) | (bits >> rl[s])
+            v += bits & ((1 << rl[s]) - 1)
+            pos += w
         xs[j] = x
-        out[i] = s
+        out[i] = v
     return np.array(out, dtype=np.int64), pos, xs
 
 
-def _decode_numpy(raw, states, count, f, c, slot, p, start, end):
+def _decode_numpy(raw, states, count, f, c, slot, base, rbits, p, start, end):
+    """All lanes stepped at once: ``(symbols, end bit, final states)``."""
     lanes = len(states)
     steps = -(-count // lanes)
     l1 = p + STATE_EXTRA + 1
@@ -581,17 +391,20 @@ def _decode_numpy(raw, states, count, f, c, slot, p, start, end):
         s = slot[r]
         xs = f[s] * (xs >> p) + r - c[s]
         m = l1 - _bitlen(xs)
-        ends = np.cumsum(m)
+        rb = rbits[s]
+        n = m + rb
+        ends = np.cumsum(n)
         total = int(ends[-1])
         if pos + total > end:
             raise FormatError("rans stream: the payload runs past the end of the section")
-        at = pos + ends - m
+        at = pos + ends - n
         w = win[np.minimum(at >> 3, last)] << (at & 7).astype(np.uint64)  # a lane reading 0 bits may sit at the end
-        bits = ((w >> one) >> (63 - m).astype(np.uint64)).astype(np.int64)
-        x[:a] = (xs << m) | bits
-        out[t, :a] = s
+        bits = ((w >> one) >> (63 - n).astype(np.uint64)).astype(np.int64)
+        x[:a] = (xs << m) | (bits >> rb)
+        out[t, :a] = base[s] + (bits & ((np.int64(1) << rb) - 1))
         pos += total
     return out.reshape(-1)[:count], pos, x.tolist()
 
 
-__all__ = ["MAX_PRECISION", "MAX_STEPS", "RansStream", "RansTable", "decode", "encode", "estimate_bits", "plan", "quantize"]
+__all__ = ["MAX_PRECISION", "MAX_STEPS", "Buckets", "RansStream", "RansTable", "choose", "decode", "encode", "estimate_bits", "plan",
+           "quantize"]

@@ -53,11 +53,15 @@ def test_degenerate_streams_round_trip(sym):
 def test_the_largest_alphabet_round_trips():
     rng = np.random.default_rng(0)
     sym = rng.permutation(np.repeat(np.arange(1 << 16), 2))  # 65,536 distinct symbols, twice each
-    s = _roundtrip(sym)
+    plain = rans.plan(np.arange(1 << 16), np.full(1 << 16, 2))[0]
+    s = _roundtrip(sym, table=plain)
     assert s.table.precision >= 16 and s.table.symbols.size == 1 << 16
+    bucketed = _roundtrip(sym)  # uniform over 2**16: 17 tokens and raw bits beat a 65,536-entry table
+    assert bucketed.table.symbols.size < 100 and len(bucketed.data) < len(s.data)
     too_many = np.arange((1 << rans.MAX_PRECISION) + 1)
     with pytest.raises(ValueError, match="distinct symbols"):
-        rans.encode(too_many)
+        rans.plan(too_many, np.ones_like(too_many))
+    assert rans.encode(too_many).table.symbols.size <= 64  # buckets: tokens and raw bits
 
 
 def test_many_lanes_match_one_lane():
@@ -194,7 +198,7 @@ def test_a_well_formed_hand_made_section_decodes():
 @pytest.mark.parametrize("head, fields, match", [
     (21, [_eg0(1)], "precision 21"),
     (3 << 5, [_eg0(1)], "mode 3"),
-    (1 << 7, [_eg0(1)], "mode 4"),
+    (1 << 7 | 4, [_eg0(2), _eg0(0), (1, 5), (2, 2)], "bucket mantissa of 2 bits exceeds its 1 direct"),
     (4, [_eg0(20)], "20 distinct symbols for 10"),  # K > count
     (2, [_eg0(5)], "5 distinct symbols .* total 2\\*\\*2"),  # K > M
     (4, [_eg0(2), _eg0(10)], "11 lanes for 10 symbols"),  # W > count
