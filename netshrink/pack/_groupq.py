@@ -62,6 +62,8 @@ def groupq_hints(model: nn.Module) -> dict[str, GroupHint]:
         key = f"{name}.weight" if name else "weight"
         if gq is not None and isinstance(m, (nn.Linear, nn.Embedding)):
             out[key] = GroupHint(gq)
+        elif gq is not None and type(m).__name__ == "Conv1D":  # transformers' GPT-2 layer: weight (in, out), codes (out, in)
+            out[key] = GroupHint(gq, conv1d=True)
         elif type(m).__name__ == "SmoothQuantLinear" and isinstance(getattr(m, "w_step", None), torch.Tensor):
             # SmoothQuant's int8 rows: the existing per-channel affine encoding (checked exact by its encoder)
             out[key] = StorageHint("affine", scale=m.w_step, zero_point=torch.zeros_like(m.w_step, dtype=torch.int32), bits=8,
@@ -85,6 +87,8 @@ def encode_groupq(name: str, t: torch.Tensor, hint: GroupHint, coding: str, base
     gq = hint.gq
     q, scale, zero = gq.q, gq.scale, gq.zero
     bits, group = int(gq.bits), int(gq.group_size)
+    if t.dim() == 2 and hint.conv1d:
+        t = t.t()  # the codes index the (out, in) matrix; the stored tensor is its transpose
     if t.dtype != torch.float32 or t.dim() != 2 or tuple(q.shape) != tuple(t.shape) or not 2 <= bits <= 8:
         return None
     rows, cols = t.shape
@@ -107,7 +111,8 @@ def encode_groupq(name: str, t: torch.Tensor, hint: GroupHint, coding: str, base
         encoding = "groupq_awq"
         parts["in_scale"] = {"dtype": "float32", "count": cols}
         data.append(("in_scale", tensor_bytes(a)))
-    entry = dict(base, encoding=encoding, masked=False, kept=t.numel(), parts=parts, groupq={"bits": bits, "group_size": group})
+    meta = {"bits": bits, "group_size": group, **({"transposed": True} if hint.conv1d else {})}
+    entry = dict(base, encoding=encoding, masked=False, kept=t.numel(), parts=parts, groupq=meta)
     return Encoded(entry, data)
 
 
@@ -214,6 +219,11 @@ def check_groupq_entry(entry: Any, where: str, sections: Sequence[int]) -> Tenso
     if len(shape) != 2:
         raise FormatError(f"{where}.shape: {encoding} needs a 2-D weight, got {len(shape)} dimensions")
     rows, cols = (int_field({f"[{i}]": d}, f"[{i}]", f"{where}.shape", 1, MAX_DIM) for i, d in enumerate(shape))
+    g = field(entry, "groupq", dict, where)
+    _keys(g, {"bits", "group_size"}, {"transposed"}, f"{where}.groupq")
+    transposed = field(g, "transposed", bool, f"{where}.groupq") if "transposed" in g else False
+    if transposed:  # the codes index the transposed matrix (a GPT-2 Conv1D weight stored (in, out))
+        rows, cols = cols, rows
     dtype = _str_in(entry, "dtype", tuple(DTYPES), where)
     if dtype != "float32":
         raise FormatError(f"{where}.dtype: {encoding} needs float32, got {dtype}")
@@ -223,8 +233,6 @@ def check_groupq_entry(entry: Any, where: str, sections: Sequence[int]) -> Tenso
     masked = field(entry, "masked", bool, where)
     if masked:
         raise FormatError(f"{where}.masked: {encoding} stores no mask")
-    g = field(entry, "groupq", dict, where)
-    _keys(g, {"bits", "group_size"}, set(), f"{where}.groupq")
     bits = int_field(g, "bits", f"{where}.groupq", 2, 8)
     group = int_field(g, "group_size", f"{where}.groupq", 1, cols)
     if cols % group:
@@ -245,14 +253,16 @@ def check_groupq_entry(entry: Any, where: str, sections: Sequence[int]) -> Tenso
             _check_array(desc, pw, ("float32",), (groups, groups))
         else:
             _check_array(desc, pw, ("float32",), (cols, cols))
-    return TensorSpec(name, (rows, cols), dtype, encoding, False, nonzeros, kept, parts, {"bits": bits, "group_size": group})
+    shape_ = (cols, rows) if transposed else (rows, cols)
+    return TensorSpec(name, shape_, dtype, encoding, False, nonzeros, kept, parts, {"bits": bits, "group_size": group, "transposed": transposed})
 
 
 def _decode_groupq(spec: TensorSpec, part: Any) -> Any:
     from ._streams import decode_stream
     from ._tensors import Decoded, bytes_tensor
 
-    rows, cols = spec.shape
+    transposed = bool(spec.quant.get("transposed", False))
+    rows, cols = spec.shape[::-1] if transposed else spec.shape
     bits, group = int(spec.quant["bits"]), int(spec.quant["group_size"])
     groups = rows * (cols // group)
     desc, data, w = part("codes")
@@ -271,7 +281,8 @@ def _decode_groupq(spec: TensorSpec, part: Any) -> Any:
         a = bytes_tensor(data, "float32", cols, w)
     qt = torch.from_numpy(q.astype(np.int64)).reshape(rows, cols)
     zt = torch.from_numpy(z.astype(np.int64)).reshape(rows, cols // group)
-    return Decoded(dequantize(qt, s.reshape(rows, cols // group), zt, group, a))
+    w = dequantize(qt, s.reshape(rows, cols // group), zt, group, a)
+    return Decoded(w.t().contiguous() if transposed else w)
 
 
 def groupq_codecs() -> dict[str, Any]:

@@ -240,8 +240,6 @@ def test_nsk_round_trip_into_a_fresh_transformers_model_is_exact(arch, method, t
 
 #: (arch, method) -> why its block weights are not stored in their compressed form today
 STORAGE_GAPS = {
-    ("gpt2", "gptq"): "pack/_groupq.groupq_hints reads group codes only from nn.Linear / nn.Embedding: GPT-2's "
-                      "Conv1D weights (stored (in, out)) are written raw fp32",
     ("gpt2", "sparsegpt_2_4"): "SparseGPT puts no mask parametrization on a Conv1D, so its 2:4 zeros are stored as "
                                "general sparse, not nm_sparse",
 }

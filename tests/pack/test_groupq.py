@@ -82,6 +82,8 @@ def _entry():
     (lambda e: e["parts"].pop("zero"), "needs parts"),
     (lambda e: e.update(masked=True), "masked"),
     (lambda e: e["groupq"].update(extra=1), "unknown key"),
+    (lambda e: e["groupq"].update(transposed=1), "transposed"),
+    (lambda e: e["groupq"].update(transposed=True), "group_size"),  # the 32x4 matrix the flag implies has rows of 4
 ])
 def test_header_checks(edit, match):
     entry, sections = _entry()
