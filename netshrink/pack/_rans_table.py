@@ -36,9 +36,9 @@ class RansTable:
 def quantize(counts: np.ndarray, precision: int) -> np.ndarray:
     """Frequencies ``f >= 1`` summing to ``2**precision`` that keep ``sum n_s log2(M / f_s)`` small.
 
-    Symbols whose share ``n_s M / n`` is below 1 get ``f = 1`` and the rest of ``M`` is shared out
-    proportionally (rounded down, repeated while more shares fall below 1); the units left go, one per
-    symbol, where they save most (``n_s log2((f+1)/f)``).
+    The ``k`` rarest symbols get ``f = 1`` (the fewest for which every other share
+    ``n_s (M - k) / rest`` is at least 1) and the rest of ``M`` is shared out proportionally, rounded
+    down; the units left go, one per symbol, where they save most (``n_s log2((f+1)/f)``).
     """
     c = np.asarray(counts, dtype=np.int64).reshape(-1)
     m = 1 << precision
@@ -46,16 +46,15 @@ def quantize(counts: np.ndarray, precision: int) -> np.ndarray:
         return c.copy()
     if c.size > m or int(c.min()) <= 0:
         raise ValueError(f"{c.size} positive counts do not fit in a total of {m}")
-    one = np.zeros(c.size, dtype=bool)
-    while True:
-        budget, rest = m - int(one.sum()), int(c[~one].sum())
-        below = ~one & (c * budget < rest)
-        if not below.any():
-            break
-        one |= below
+    order = np.argsort(c, kind="stable")
+    cs = c[order]
+    suffix = np.cumsum(cs[::-1])[::-1]
+    # the fewest smallest symbols at f = 1 that leave every other share n_s (M - k) / rest >= 1
+    k = int(np.argmax(cs * (m - np.arange(c.size)) >= suffix))
+    budget, rest = m - k, int(suffix[k])
     f = np.ones(c.size, dtype=np.int64)
-    if rest:
-        f[~one] = (c[~one].astype(object) * budget // rest).astype(np.int64) if budget * int(c.max()) >= 1 << 62 else c[~one] * budget // rest
+    free = order[k:]
+    f[free] = c[free] * budget // rest
     cf = c.astype(np.float64)
     diff = m - int(f.sum())
     while diff > 0:

@@ -258,6 +258,8 @@ def _read_table(buf: bytes, count: int, max_symbol: int) -> tuple[RansTable, Buc
             raise FormatError(f"rans stream: symbol bitmap holds {symbols.size} symbols ending in {int(bits[-1])}, K = {k}")
     else:
         order = r.read(5, "symbol gap order")
+        if k * (order + 1) > r.end - r.pos:
+            raise FormatError(f"rans stream: {k} symbol gaps of order {order} run past the end of the section")
         vals = []
         s = -1
         for _ in range(k):

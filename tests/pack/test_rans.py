@@ -64,6 +64,18 @@ def test_the_largest_alphabet_round_trips():
     assert rans.encode(too_many).table.symbols.size <= 64  # buckets: tokens and raw bits
 
 
+def test_a_long_sparse_tail_is_bucketed_and_round_trips_in_both_paths():
+    rng = np.random.default_rng(5)
+    sym = np.where(rng.random(6000) < 0.7, rng.integers(0, 8, 6000), rng.geometric(1e-4, 6000))
+    plain = rans.plan(*np.unique(sym, return_counts=True))[0]
+    for lanes in (1, 3, 16, 40):
+        s = _roundtrip(sym, lanes=lanes)
+        assert s.data[0] & 0x80  # the bucket flag: tokens + raw bits
+        assert len(s.data) < len(_roundtrip(sym, lanes=lanes, table=plain).data)
+    with pytest.raises(FormatError, match="exceeds"):  # raw bits can reach past the caller's bound
+        rans.decode(s.data, sym.size, max_symbol=int(sym.max()) - 1)
+
+
 def test_many_lanes_match_one_lane():
     rng = np.random.default_rng(1)
     sym = rng.geometric(0.2, 200_000) - 1
