@@ -7,6 +7,9 @@ al. 2018) and stochastic depth (Huang et al. 2016), all on MNIST with the LeNet-
 ``recipes/lenet_300_100.yaml`` (taken from the cache of trained baselines; trained once if missing) or,
 for stochastic depth, a residual MLP trained from scratch with and without it. Every row records the
 epochs it ran; this machine is shared, so its load average is written beside each row's wall time.
+The rows of part 3 (SSL, network slimming, BinaryConnect, BNN, TWN, Denil's fixed dictionaries, CP with
+fine-tuning) live in :mod:`._paper_rows2`. ``NETSHRINK_PAPER_ROWS=ssl,twn`` runs a subset; the rows of
+the other names are kept from the earlier ``paper_rows.md``.
 
     python -m benchmarks.run --only paper_rows
 """
@@ -30,6 +33,7 @@ from netshrink.report import markdown_table
 from netshrink.train import TrainConfig, Trainer
 
 from . import SummaryRow, suite
+from ._paper_rows2 import PREFIX2, ROWS2, run_row2
 
 ROOT = Path(__file__).resolve().parents[2]
 COLUMNS = ("method", "paper's claim", "setting", "epochs run", "measured", "verdict", "wall (s)", "load avg")
@@ -45,6 +49,14 @@ def _baseline(splits, work: Path) -> nn.Module:
     model = build_model(recipe.model, **recipe.model_args)
     train_baseline(recipe, model, splits, work / "baseline", resume=True, progress=False)
     return model
+
+
+def _lenet5(splits, work: Path) -> nn.Module:
+    """The cached trained LeNet-5 of ``recipes/lenet5.yaml`` (trained once if missing)."""
+    recipe = load_recipe(ROOT / "recipes" / "lenet5.yaml")
+    model = build_model(recipe.model, **recipe.model_args)
+    train_baseline(recipe, model, splits, work / "lenet5", resume=True, progress=False)
+    return model.eval()
 
 
 def _err(model, data) -> float:
@@ -262,9 +274,9 @@ def _summary(method: str, model: nn.Module, err: float, splits) -> SummaryRow:
                       metrics.fp32_bytes(model), 1.0, int(mac.dense), int(mac.effective), 0.0, 0.0)
 
 
-ROWS = ("merge", "agp", "qat", "amp", "stochastic_depth", "han2015", "hinton")
+ROWS = ("merge", "agp", "qat", "amp", "stochastic_depth", "han2015", "hinton", *ROWS2)
 #: the first cell of each row's line in the table (to keep rows of earlier partial runs)
-_PREFIX = {"merge": "data-free neuron merging", "agp": "AGP", "qat": "QAT", "amp": "bf16 / fp16", "stochastic_depth": "stochastic depth", "han2015": "Han et al. 2015", "hinton": "Hinton et al. 2015"}
+_PREFIX = {"merge": "data-free neuron merging", "agp": "AGP", "qat": "QAT", "amp": "bf16 / fp16", "stochastic_depth": "stochastic depth", "han2015": "Han et al. 2015", "hinton": "Hinton et al. 2015", **PREFIX2}
 
 
 def _earlier_rows(md: Path) -> dict[str, list[str]]:
@@ -285,7 +297,7 @@ def paper_rows(work: Path, results: Path, *, resume: bool, machine: list[str]) -
     splits = load_dataset("mnist")
     only = os.environ.get("NETSHRINK_PAPER_ROWS")  # a comma-separated subset of ROWS, for partial runs
     wanted = [r for r in ROWS if not only or r in only.split(",")]
-    base = _baseline(splits, work) if {"merge", "agp", "qat", "han2015"} & set(wanted) else None
+    base = _baseline(splits, work) if {"merge", "agp", "qat", "han2015", "denil"} & set(wanted) else None
     earlier = _earlier_rows(results / "paper_rows.md")
     rows: list[list[str]] = []
     summary: list[SummaryRow] = []
@@ -293,7 +305,8 @@ def paper_rows(work: Path, results: Path, *, resume: bool, machine: list[str]) -
         fn = {"merge": lambda: merge_row(base, splits, rows, summary), "agp": lambda: agp_row(base, splits, rows, summary),
               "qat": lambda: qat_row(base, splits, rows, summary), "amp": lambda: amp_row(splits, rows, summary),
               "stochastic_depth": lambda: stochastic_depth_row(splits, rows, summary),
-              "han2015": lambda: han2015_row(base, splits, rows, summary), "hinton": lambda: hinton_row(splits, rows, summary)}[name]
+              "han2015": lambda: han2015_row(base, splits, rows, summary), "hinton": lambda: hinton_row(splits, rows, summary),
+              **{n: (lambda n=n: run_row2(n, splits, rows, summary, base, lambda: _lenet5(splits, work))) for n in ROWS2}}[name]
         fn()
         earlier[name] = rows[-1]
     kept = [n for n in ROWS if n in earlier and n not in wanted]
