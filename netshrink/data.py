@@ -465,6 +465,23 @@ _DATASETS.add("mnist", mnist)
 _DATASETS.add("digits", digits)
 
 
+def python_docs(seq_len: int = 256, tokenizer: str = "bpe", vocab_size: int = 4096, source: str | None = None,
+                max_train_chunks: int | None = None, max_eval_chunks: int | None = None) -> Splits:
+    """The Python 3.11 documentation as language-modelling splits (:func:`netshrink.text.python_docs`:
+    Debian ``python3.11-doc``, sha256-pinned, split by document): windows of ``seq_len`` token ids, each a
+    bare ``(seq_len,)`` tensor for ``task: language_modeling``; ``num_classes`` is the vocabulary size."""
+    from .text import python_docs as corpus
+
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 2 <= seq_len <= 1 << 16:
+        raise ConfigError("data_args.seq_len", f"must be an integer from 2 to 65536, got {seq_len!r}")
+    c = corpus(source=source, tokenizer=tokenizer, vocab_size=vocab_size)
+    return Splits("python_docs", c.chunks("train", seq_len, max_chunks=max_train_chunks), c.chunks("val", seq_len, max_chunks=max_eval_chunks),
+                  c.chunks("test", seq_len, max_chunks=max_eval_chunks), c.tokenizer.vocab_size)
+
+
+_DATASETS.add("python_docs", python_docs)
+
+
 def register_dataset(name: str) -> Callable[[Callable[..., Splits]], Callable[..., Splits]]:
     """Decorator: make a function returning :class:`Splits` loadable by ``load_dataset(name)``."""
     return _DATASETS.register(name)

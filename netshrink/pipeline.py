@@ -3,7 +3,8 @@
 Every finished step is kept on disk under the output folder, so an interrupted run resumes without
 losing it:
 
-    OUT/run.json                 recipe fingerprint (a resume must match it)
+    OUT/run.json                 recipe fingerprint, and one per stage prefix: a resume of a recipe whose
+                                 later stages changed keeps the finished stages before the first change
     OUT/checkpoints/<step>/      the Trainer's per-epoch checkpoints of the step in progress
     OUT/stages/NN-<method>.nsk   each finished stage, packed, with its measured row in the header
     OUT/model.nsk                the final packed model
@@ -411,7 +412,7 @@ def _check_out_dir(recipe: Recipe, out_dir: Path, resume: bool, force: bool) -> 
             old = {}
         if resume:
             if old.get("fingerprint") != recipe.fingerprint():
-                raise NetshrinkError(f"{out_dir}: holds a run of a different recipe; it cannot be resumed with this one")
+                _keep_shared_stages(recipe, old, out_dir)
         elif force:
             for sub in ("stages", "checkpoints"):
                 shutil.rmtree(out_dir / sub, ignore_errors=True)
@@ -419,9 +420,36 @@ def _check_out_dir(recipe: Recipe, out_dir: Path, resume: bool, force: bool) -> 
             raise NetshrinkError(f"{out_dir}: holds an earlier run; pass --resume to continue it or --force to start over")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_file, json.dumps({"recipe": recipe.name, "fingerprint": recipe.fingerprint()}, indent=2))
+        atomic_write_text(run_file, json.dumps({"recipe": recipe.name, "fingerprint": recipe.fingerprint(),
+                                                "base": recipe.base_fingerprint(), "stages": recipe.stage_fingerprints()}, indent=2))
     except OSError as err:
         raise OutputError(f"{out_dir}: cannot write the output folder ({err.strerror or err})") from None
+
+
+def _keep_shared_stages(recipe: Recipe, old: dict, out_dir: Path) -> None:
+    """Resume a changed recipe: with the same model, data, task and baseline training, keep the finished
+    stages of the longest stage prefix it shares with the run in ``out_dir`` and remove the later ones.
+    A different baseline, or a folder without per-stage fingerprints, is the usual one-line error."""
+    new = recipe.stage_fingerprints()
+    saved = old.get("stages")
+    if not isinstance(saved, list):
+        raise NetshrinkError(f"{out_dir}: holds a run of a different recipe; it cannot be resumed with this one")
+    shared = 0
+    for a, b in zip(saved, new):
+        if not isinstance(a, list) or len(a) != 2 or a[0] != b[0]:
+            break
+        shared += 1
+    if old.get("base") != recipe.base_fingerprint():
+        raise NetshrinkError(f"{out_dir}: holds a run of a different recipe (model, data or training differ); it cannot be resumed with this one")
+    keep = sum(n for _, n in new[:shared])
+    for f in sorted((out_dir / "stages").glob("*")):
+        num = f.name.split("-", 1)[0]
+        if num.isdigit() and int(num) > keep:
+            f.unlink()
+    for d in (out_dir / "checkpoints").glob("stage-*"):
+        if d.name[6:].isdigit() and int(d.name[6:]) > keep:
+            shutil.rmtree(d, ignore_errors=True)
+    log.info("%s: the recipe changed after stage %d of %d; the finished stages up to it are kept", out_dir, shared, len(new))
 
 
 def run_recipe(

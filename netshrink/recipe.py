@@ -100,6 +100,22 @@ class Recipe:
         """A short hash of the recipe's content: a resumed run must match the run it continues."""
         return hashlib.sha256(json.dumps(self.source, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+    def base_fingerprint(self) -> str:
+        """A short hash of everything but the name and the stages (model, data, task, baseline training)."""
+        base = {k: v for k, v in self.source.items() if k not in ("stages", "name")}
+        return hashlib.sha256(json.dumps(base, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def stage_fingerprints(self) -> list[tuple[str, int]]:
+        """Per stage of the recipe, ``(hash of everything up to and including it, stages it expands to)``:
+        a resume keeps the finished stages of the longest prefix a changed recipe shares with the run."""
+        base = {k: v for k, v in self.source.items() if k not in ("stages", "name")}
+        raw = list(self.source.get("stages") or [])
+        out = []
+        for j, st in enumerate(self.stages):
+            key = json.dumps([base, raw[: j + 1]], sort_keys=True, default=str)
+            out.append((hashlib.sha256(key.encode()).hexdigest()[:16], len(st.config.substages())))
+        return out
+
     def expanded(self) -> list[Stage]:
         """The stages as they run: iterative methods expanded into their rounds, each fine-tuned."""
         out: list[Stage] = []

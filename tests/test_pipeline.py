@@ -82,8 +82,21 @@ def test_interrupted_run_resumes_to_the_same_result(digits_recipe, tmp_path, mon
     assert (tmp_path / "a" / "model.nsk").read_bytes() == (tmp_path / "b" / "model.nsk").read_bytes()
 
 
-def test_resume_refuses_a_different_recipe(digits_recipe, tmp_path):
+def test_resume_of_a_changed_recipe_keeps_the_stages_before_the_change(digits_recipe, tmp_path):
+    import copy
+
     run_recipe(parse_recipe(digits_recipe), tmp_path / "o", progress=False)
-    digits_recipe["stages"][1]["bits"] = 3
+    stages = tmp_path / "o" / "stages"
+    pruned = {f.name: f.stat().st_mtime_ns for f in stages.glob("0[12]-*")}
+    assert len(pruned) == 4  # two pruning rounds: .nsk and .json each
+    changed = copy.deepcopy(digits_recipe)
+    changed["stages"][1]["bits"] = 3  # the sharing stage: the pruning rounds before it stay valid
+    resumed = run_recipe(parse_recipe(changed), tmp_path / "o", resume=True, progress=False)
+    assert {f.name: f.stat().st_mtime_ns for f in stages.glob("0[12]-*")} == pruned  # not redone
+    fresh = run_recipe(parse_recipe(changed), tmp_path / "fresh", progress=False)
+    assert [(r.stage, r.test_error, r.nonzeros, r.bytes) for r in resumed.rows] == [
+        (r.stage, r.test_error, r.nonzeros, r.bytes) for r in fresh.rows]
+    # a different baseline (model, data or training) leaves nothing to keep: one clear error
+    changed["train"]["epochs"] = changed["train"]["epochs"] + 1
     with pytest.raises(NetshrinkError, match="different recipe"):
-        run_recipe(parse_recipe(digits_recipe), tmp_path / "o", resume=True, progress=False)
+        run_recipe(parse_recipe(changed), tmp_path / "o", resume=True, progress=False)
