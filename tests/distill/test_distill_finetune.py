@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -144,12 +145,18 @@ def test_recipe_distillation_runs_and_resumes_to_the_same_result(digits_recipe, 
     assert (tmp_path / "a" / "model.nsk").read_bytes() == (tmp_path / "b" / "model.nsk").read_bytes()
 
 
-def test_a_changed_distill_block_is_a_different_recipe(digits_recipe, tmp_path):
+def test_a_changed_distill_block_redoes_its_stage(digits_recipe, tmp_path):
     recipe = _distill_recipe(digits_recipe)
     recipe["train"]["epochs"] = 1
     recipe["stages"][0]["finetune"]["epochs"] = 1
-    run_recipe(parse_recipe(recipe), tmp_path / "o", progress=False)
+    first = run_recipe(parse_recipe(recipe), tmp_path / "o", progress=False)
     recipe["stages"][0]["finetune"]["distill"]["temperature"] = 5
+    resumed = run_recipe(parse_recipe(recipe), tmp_path / "o", resume=True, progress=False)
+    fresh = run_recipe(parse_recipe(recipe), tmp_path / "f", progress=False)
+    assert [dataclasses.astuple(r)[:6] for r in resumed.rows] == [dataclasses.astuple(r)[:6] for r in fresh.rows]
+    w_first, w_resumed = first.model.state_dict(), resumed.model.state_dict()
+    assert any(not torch.equal(w_first[k], w_resumed[k]) for k in w_first)  # the stage ran again, at T = 5
+    recipe["distill"] = {"temperature": 3}  # a recipe-level default reaches every stage: nothing is kept
     with pytest.raises(NetshrinkError, match="different recipe"):
         run_recipe(parse_recipe(recipe), tmp_path / "o", resume=True, progress=False)
 
