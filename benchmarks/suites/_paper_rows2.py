@@ -136,7 +136,7 @@ def ssl_row(splits, rows, summary, base_epochs: int = 12, ssl_epochs: int = 15, 
                  "(from the baseline, cosine from 0.05); groups below 1% "
                  f"of their layer's largest norm removed; fine-tuned (cosine from {ft_lr:g})", f"{base_epochs}+{ssl_epochs}+{ft_epochs} per lambda",
                  measured, verdict, f"{time.perf_counter() - t0:.0f}", _load()])
-    summary.append(_summary(f"SSL {best['arch']}", "mlp 784-500-300-10", best["model"], best["test"], example))
+    summary.append(_summary("SSL (Wen 2016)", f"mlp 784-500-300-10 -> {best['arch']}", best["model"], best["test"], example))
 
 
 # ------------------------------------------------------------------------------------------ slimming
