@@ -13,7 +13,6 @@ import copy
 import os
 import time
 from collections import OrderedDict
-from pathlib import Path
 
 import torch
 from torch import nn
