@@ -169,7 +169,7 @@ def slimming_row(splits, rows, summary, epochs: int = 20, ft_epochs: int = 15, l
                  "no MLP row verified in the paper (its tables are CIFAR / SVHN / ImageNet CNNs; the search tool found no MNIST row); "
                  "the target in this repository's notes: 784-500-300-10 -> 784-100-60-10 at 1.49%",
                  f"784-500-300-10 with BN, from scratch with L1 {lam:g} on the BN scales (SGD, cosine from 0.05), the 400 and 240 "
-                 "hidden neurons of smallest |gamma| removed (criterion bn_scale), fine-tuned at 0.01", f"{epochs}+{ft_epochs}",
+                 "hidden neurons of smallest abs(gamma) removed (criterion bn_scale), fine-tuned at 0.01", f"{epochs}+{ft_epochs}",
                  f"after sparse training {_pct(e_sparse)} ({100 * small:.0f}% of gammas below 1% of the largest); pruned to {arch}: "
                  f"{_pct(e_cut)}; fine-tuned {_pct(e)}; control: {arch} with BN from scratch, {epochs + ft_epochs} epochs: {_pct(e_small)}",
                  ("met against 1.49%" if gap <= 0 else f"gap +{100 * gap:.2f} points against 1.49%")
@@ -216,7 +216,7 @@ def binaryconnect_row(splits, rows, summary, epochs: int = 5) -> None:
     e_sto = _err(sto, splits.test)
     rows.append(["BinaryConnect (Courbariaux et al. 2015), MNIST MLP", "784-1024-1024-1024-10, permutation-invariant: det. 1.29%, "
                  "stoch. 1.18% (1000 epochs, square hinge loss, no data augmentation)",
-                 "same net with BN, binary weights +-1 (det.) / hard-sigmoid draws with alpha = mean|W| (stoch.), Adam lr 0.003 cosine, "
+                 "same net with BN, binary weights +-1 (det.) / hard-sigmoid draws with alpha = mean abs(W) (stoch.), Adam lr 0.003 cosine, "
                  "batch 100, cross-entropy; test with the deterministic sign", f"{epochs} each",
                  f"det. {_pct(e_det)} ({t_det:.0f} s); stoch. {_pct(e_sto)} after BN re-estimation ({_pct(e_sto_raw)} before; {t_sto:.0f} s)",
                  f"gap det. +{100 * (e_det - 0.0129):.2f}, stoch. +{100 * (e_sto - 0.0118):.2f} points with {epochs} epochs against the "
