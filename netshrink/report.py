@@ -32,7 +32,8 @@ def stage_cells(row: Any) -> list[str]:
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    rows = [list(r) for r in rows]
+    """A GitHub markdown table; a ``|`` inside a cell is escaped so that it cannot split its row."""
+    rows = [[str(c).replace("|", "\\|") for c in r] for r in rows]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)

@@ -21,6 +21,7 @@ def _packed(tmp_path, coding):
 def test_tables_align_and_keep_cells():
     md = markdown_table(("a", "b"), [["x", "1"], ["yy", "22"]])
     assert md.splitlines()[1] == "|---|---:|" and "| yy | 22 |" in md
+    assert markdown_table(("a", "b"), [["mean|W|", 3]]).splitlines()[2] == "| mean\\|W\\| | 3 |"  # one row, two cells
     txt = text_table(("name", "n"), [["long name", "5"]]).splitlines()
     assert len({len(line) for line in txt}) == 1
 
