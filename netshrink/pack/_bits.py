@@ -17,6 +17,36 @@ MAX_BITS = 64
 _CHUNK = 1 << 20
 
 
+# values per chunk of :func:`pack_varwidth`
+_VAR_CHUNK = 1 << 16
+
+
+def pack_varwidth(values: np.ndarray, widths: np.ndarray) -> bytes:
+    """Each value in its own width (0..63 bits), MSB first, back to back; the last byte zero-padded (the
+    codewords of a Huffman stream, the tokens and raw bits of a rANS table). Works in chunks: bounded memory."""
+    values = np.asarray(values, dtype=np.int64).reshape(-1)
+    widths = np.asarray(widths, dtype=np.int64).reshape(-1)
+    parts: list[bytes] = []
+    pending = np.zeros(0, dtype=np.uint8)
+    for a in range(0, values.size, _VAR_CHUNK):
+        v, w = values[a : a + _VAR_CHUNK], widths[a : a + _VAR_CHUNK]
+        keep = w > 0
+        v, w = v[keep], w[keep]
+        if v.size == 0:
+            continue
+        ends = np.cumsum(w)
+        total = int(ends[-1])
+        shift = np.repeat(w - 1, w) - (np.arange(total) - np.repeat(ends - w, w))
+        bits = ((np.repeat(v, w) >> shift) & 1).astype(np.uint8)
+        if pending.size:
+            bits = np.concatenate([pending, bits])
+        full = bits.size & ~7
+        parts.append(np.packbits(bits[:full]).tobytes())
+        pending = bits[full:]
+    parts.append(np.packbits(pending).tobytes())
+    return b"".join(parts)
+
+
 def _container(bits: int) -> np.dtype:
     """Smallest big-endian unsigned dtype holding ``bits`` bits."""
     for width, dt in ((8, ">u1"), (16, ">u2"), (32, ">u4"), (64, ">u8")):

@@ -18,7 +18,6 @@ STATE_EXTRA = 8
 #: buckets tried by the encoder: at most this many direct bits (the decoder accepts any up to 31)
 MAX_DIRECT = 12
 _MAX_EG_ZEROS = 40
-_PACK_CHUNK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -238,29 +237,6 @@ def estimate_bits(symbols: np.ndarray, counts: np.ndarray) -> float:
 # ------------------------------------------------------------------------------------------ bit I/O
 
 
-def _pack_pairs(values: np.ndarray, widths: np.ndarray) -> bytes:
-    """Each value in its width (0..63 bits), MSB first, back to back; zero-padded to a byte."""
-    values = np.asarray(values, dtype=np.int64).reshape(-1)
-    widths = np.asarray(widths, dtype=np.int64).reshape(-1)
-    parts: list[bytes] = []
-    pending = np.zeros(0, dtype=np.uint8)
-    for a in range(0, values.size, _PACK_CHUNK):
-        v, w = values[a : a + _PACK_CHUNK], widths[a : a + _PACK_CHUNK]
-        keep = w > 0
-        v, w = v[keep], w[keep]
-        if v.size == 0:
-            continue
-        ends = np.cumsum(w)
-        total = int(ends[-1])
-        shift = np.repeat(w - 1, w) - (np.arange(total) - np.repeat(ends - w, w))
-        bits = ((np.repeat(v, w) >> shift) & 1).astype(np.uint8)
-        if pending.size:
-            bits = np.concatenate([pending, bits])
-        full = bits.size & ~7
-        parts.append(np.packbits(bits[:full]).tobytes())
-        pending = bits[full:]
-    parts.append(np.packbits(pending).tobytes())
-    return b"".join(parts)
 
 
 class _Reader:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import FormatError
-from ._bits import bit_width, pack_fixed, packed_nbytes, unpack_fixed
+from ._bits import bit_width, pack_fixed, pack_varwidth, packed_nbytes, unpack_fixed
 
 #: longest codeword (the decoder peeks this many bits through a 32-bit window)
 MAX_CODE_LEN = 24
@@ -49,7 +49,6 @@ _HEAD = struct.Struct("<BBBB4xIIQQ")
 #: bytes of the fixed head of a serialized stream
 STREAM_HEAD_BYTES = _HEAD.size
 _LAYOUT = 1
-_ENC_CHUNK = 1 << 18
 #: largest decoding chunk accepted: the writer uses at most 4096 (:func:`default_sync_every`), and the
 #: decoder takes one numpy step per symbol of a chunk, so this bounds the steps whatever the head says
 MAX_SYNC_EVERY = 4096
@@ -315,31 +314,13 @@ def encode(symbols: np.ndarray, max_len: int = MAX_CODE_LEN, sync_every: int | N
         code_of[used] = codes
     else:
         len_of, code_of = code.lengths.astype(np.int64), codes
-    parts: list[bytes] = []
-    pending = np.zeros(0, dtype=np.uint8)
-    sync: list[np.ndarray] = []
-    base = 0
-    for a in range(0, n, _ENC_CHUNK):
-        keys = sym[a : a + _ENC_CHUNK] if inverse is None else inverse[a : a + _ENC_CHUNK]
-        ln = len_of[keys]
-        cw = code_of[keys]
-        ends = np.cumsum(ln)
-        starts = ends - ln
-        first_sync = -(-a // sync_every) * sync_every
-        sync.append(base + starts[first_sync - a :: sync_every])
-        rep_len = np.repeat(ln, ln)
-        shift = rep_len - 1 - (np.arange(int(ends[-1])) - np.repeat(starts, ln))
-        bits = ((np.repeat(cw, ln) >> shift) & 1).astype(np.uint8)
-        if pending.size:
-            bits = np.concatenate([pending, bits])
-        full = bits.size & ~7
-        parts.append(np.packbits(bits[:full]).tobytes())
-        pending = bits[full:]
-        base += int(ends[-1])
-    parts.append(np.packbits(pending).tobytes())
-    starts_all = np.concatenate(sync)
-    chunk_bits = np.diff(np.append(starts_all, base))[:-1]
-    return HuffmanStream(code, n, base, b"".join(parts), sync_every, chunk_bits.astype(np.int64))
+    keys = sym if inverse is None else inverse
+    ln = len_of[keys]
+    starts = np.cumsum(ln) - ln
+    total = int(starts[-1] + ln[-1])
+    sync_starts = starts[::sync_every]  # the bit offset of every sync_every-th symbol
+    chunk_bits = np.diff(np.append(sync_starts, total))[:-1]
+    return HuffmanStream(code, n, total, pack_varwidth(code_of[keys], ln), sync_every, chunk_bits.astype(np.int64))
 
 
 def decode(stream: HuffmanStream) -> np.ndarray:

@@ -53,8 +53,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import FormatError
+from ._bits import pack_varwidth
 from ._rans_table import (MAX_PRECISION, STATE_EXTRA, Buckets, RansTable, _best_eg, _eg0_len, _eg_pairs, _freq_layout,
-                          _histogram, _pack_pairs, _Reader, _symset_layout, _windows, _bitlen, choose, estimate_bits,
+                          _histogram, _Reader, _symset_layout, _windows, _bitlen, choose, estimate_bits,
                           payload_bits, plan, quantize)
 
 #: largest symbol value accepted (the extended alphabet of a block of symbols fits in 32 bits)
@@ -213,7 +214,7 @@ def encode(symbols: np.ndarray, *, lanes: int | None = None, table: RansTable | 
     tbits = 8 + int(sum(int(w.sum()) for w in tw))
     tv += [np.array(states, dtype=np.int64) - (1 << l_bits), vals, np.array([1])]  # ... and the stop bit
     tw += [np.full(lanes, l_bits, dtype=np.int64), wids, np.array([1])]
-    data = bytes([p | (mode << 5) | (0x80 if buckets is not None else 0)]) + _pack_pairs(np.concatenate(tv), np.concatenate(tw))
+    data = bytes([p | (mode << 5) | (0x80 if buckets is not None else 0)]) + pack_varwidth(np.concatenate(tv), np.concatenate(tw))
     return RansStream(table, n, lanes, lanes * l_bits + int(wids.sum()), tbits, data)
 
 

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from netshrink.errors import FormatError
 from netshrink.pack import huffman, rans
+from netshrink.pack._bits import pack_varwidth
 from netshrink.pack._streams import code_stream, decode_stream
 
 
@@ -179,7 +180,7 @@ def test_symbols_beyond_the_callers_bound_are_refused(stream):
 def _section(head: int, fields: list[tuple[int, int]]) -> bytes:
     """A hand-made section: the head byte, then (value, width) fields MSB first."""
     vals, widths = zip(*fields) if fields else ((), ())
-    return bytes([head]) + rans._pack_pairs(np.array(vals, dtype=np.int64), np.array(widths, dtype=np.int64))
+    return bytes([head]) + pack_varwidth(np.array(vals, dtype=np.int64), np.array(widths, dtype=np.int64))
 
 
 def _eg0(v: int) -> tuple[int, int]:
@@ -236,7 +237,7 @@ def test_a_huge_count_over_a_short_section_is_refused_before_decoding():
 def test_a_stream_with_too_few_lanes_for_its_count_is_refused():
     s = rans.encode(np.zeros(rans.MAX_STEPS + 1, np.int64), lanes=2)
     bad = bytearray(s.data)  # rewrite W - 1 = 1 as W - 1 = 0: one lane for MAX_STEPS + 1 symbols
-    fields = rans._pack_pairs(np.array([2, 1, 0]), np.array([3, 1, rans.STATE_EXTRA]))
+    fields = pack_varwidth(np.array([2, 1, 0]), np.array([3, 1, rans.STATE_EXTRA]))
     with pytest.raises(FormatError, match="1 lanes for"):
         rans.decode(bytes([bad[0]]) + fields, rans.MAX_STEPS + 1)
 
