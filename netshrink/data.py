@@ -474,6 +474,9 @@ def python_docs(seq_len: int = 256, tokenizer: str = "bpe", vocab_size: int = 40
 
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 2 <= seq_len <= 1 << 16:
         raise ConfigError("data_args.seq_len", f"must be an integer from 2 to 65536, got {seq_len!r}")
+    for name, value in (("max_train_chunks", max_train_chunks), ("max_eval_chunks", max_eval_chunks)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"data_args.{name}", f"must be a positive integer or null, got {value!r}")
     c = corpus(source=source, tokenizer=tokenizer, vocab_size=vocab_size)
     return Splits("python_docs", c.chunks("train", seq_len, max_chunks=max_train_chunks), c.chunks("val", seq_len, max_chunks=max_eval_chunks),
                   c.chunks("test", seq_len, max_chunks=max_eval_chunks), c.tokenizer.vocab_size)

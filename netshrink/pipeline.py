@@ -442,6 +442,8 @@ def _keep_shared_stages(recipe: Recipe, old: dict, out_dir: Path) -> None:
     if old.get("base") != recipe.base_fingerprint():
         raise NetshrinkError(f"{out_dir}: holds a run of a different recipe (model, data or training differ); it cannot be resumed with this one")
     keep = sum(n for _, n in new[:shared])
+    for name in ("model.nsk", "results.json", "report.md"):  # the old run's outputs, rewritten at the end
+        (out_dir / name).unlink(missing_ok=True)
     for f in sorted((out_dir / "stages").glob("*")):
         num = f.name.split("-", 1)[0]
         if num.isdigit() and int(num) > keep:

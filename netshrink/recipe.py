@@ -100,15 +100,17 @@ class Recipe:
         """A short hash of the recipe's content: a resumed run must match the run it continues."""
         return hashlib.sha256(json.dumps(self.source, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+    def _base_source(self) -> dict[str, Any]:
+        return {k: v for k, v in self.source.items() if k not in ("stages", "name")}
+
     def base_fingerprint(self) -> str:
         """A short hash of everything but the name and the stages (model, data, task, baseline training)."""
-        base = {k: v for k, v in self.source.items() if k not in ("stages", "name")}
-        return hashlib.sha256(json.dumps(base, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self._base_source(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def stage_fingerprints(self) -> list[tuple[str, int]]:
         """Per stage of the recipe, ``(hash of everything up to and including it, stages it expands to)``:
         a resume keeps the finished stages of the longest prefix a changed recipe shares with the run."""
-        base = {k: v for k, v in self.source.items() if k not in ("stages", "name")}
+        base = self._base_source()
         raw = list(self.source.get("stages") or [])
         out = []
         for j, st in enumerate(self.stages):

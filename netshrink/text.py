@@ -264,6 +264,8 @@ class TokenChunks(Dataset):
         stride = seq_len if stride is None else stride
         if not isinstance(stride, int) or stride < 1:
             raise ConfigError("stride", f"must be a positive integer, got {stride!r}")
+        if max_chunks is not None and (isinstance(max_chunks, bool) or not isinstance(max_chunks, int) or max_chunks < 1):
+            raise ConfigError("max_chunks", f"must be a positive integer or null, got {max_chunks!r}")
         if tokens.dim() != 1 or tokens.numel() < seq_len:
             raise DataError(f"a token stream of {tokens.numel()} tokens is shorter than one window of {seq_len}")
         self.tokens, self.seq_len, self.stride = tokens.long(), seq_len, stride

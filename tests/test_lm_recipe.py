@@ -36,6 +36,9 @@ def test_the_corpus_is_a_registered_data_set(text_folder):
     assert s.num_classes == 256 and len(s.test) == 4 and tuple(s.train[0].shape) == (32,)
     with pytest.raises(ConfigError, match="seq_len"):
         load_dataset("python_docs", seq_len=1, source=str(text_folder))
+    for bad in ("x", -3, 0, True):
+        with pytest.raises(ConfigError, match="data_args.max_train_chunks"):
+            load_dataset("python_docs", source=str(text_folder), max_train_chunks=bad)
 
 
 def test_gptq_then_int4_head_recipe(text_folder, tmp_path):

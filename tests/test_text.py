@@ -92,3 +92,5 @@ def test_windows_are_bare_token_tensors():
         TokenChunks(torch.arange(10), 100)
     with pytest.raises(ConfigError, match="seq_len"):
         TokenChunks(ids, 1)
+    with pytest.raises(ConfigError, match="max_chunks"):
+        TokenChunks(ids, 100, max_chunks=-3)
